@@ -1,0 +1,503 @@
+"""Budgets and admin records in Redis.
+
+Every Redis key of a tenant carries the hash tag ``{t:<tenant>}`` so each script touches one
+slot (Redis Cluster runs them without CROSSSLOT). Amounts are integers: tokens, and money in
+micro-cents (1 cent = 1,000,000). Redis errors stop here and leave as ``StoreUnavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+from importlib import resources
+from typing import Any, Final, TypeVar
+
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from till.server.plans import PLANS, Plan
+from till.tokens import new_tenant_id
+
+MICROCENTS_PER_CENT: Final = 1_000_000
+ADMIN_PREFIX: Final = "till_admin_"
+MONTH_TTL_SECONDS: Final = 40 * 86400
+SETTLED_TTL_SECONDS: Final = 86400
+TENANTS_SET: Final = "till:tenants"
+
+Store = aioredis.Redis | RedisCluster
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time, or refused: the request fails closed."""
+
+
+class Refused(Exception):
+    """A budget check said no. ``limit``, ``used`` and ``remaining`` are in the limit's units."""
+
+    def __init__(self, code: str, limit: int = 0, used: int = 0, remaining: int = 0) -> None:
+        super().__init__(code)
+        self.code = code
+        self.limit = limit
+        self.used = used
+        self.remaining = remaining
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tenant_id: str
+    provider: str
+    status: str
+    created_ms: int
+    last_used_ms: int | None
+    metadata: dict[str, Any]
+    ip_whitelist: list[str]
+    max_activations: int
+    used_activations: int
+    max_tokens: int | None
+    used_tokens: int
+    held_tokens: int
+    max_microcents: int | None
+    used_microcents: int
+    held_microcents: int
+
+
+class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    email: str
+    plan: str
+    status: str
+    max_keys: int
+    max_activations_per_month: int
+    live_keys: int
+    created_ms: int
+
+
+class Admission(msgspec.Struct, frozen=True):
+    """A reservation was granted. ``grant`` is the output cap to forward (-1: leave as is)."""
+
+    grant: int
+    remaining_activations: int
+    remaining_tokens: int | None
+    remaining_microcents: int | None
+
+
+class Settlement(msgspec.Struct, frozen=True):
+    remaining_activations: int
+    remaining_tokens: int | None
+    remaining_microcents: int | None
+
+
+def tkey(tenant_id: str, suffix: str) -> str:
+    return f"till:{{t:{tenant_id}}}:{suffix}"
+
+
+def month_of(epoch_s: float) -> str:
+    return time.strftime("%Y%m", time.gmtime(epoch_s))
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def hash_admin_key(admin_key: str) -> str:
+    # Admin keys carry 256 random bits: a fast hash is enough, no password stretching needed.
+    return hashlib.sha256(admin_key.encode()).hexdigest()
+
+
+def admin_key_tenant(admin_key: str) -> str | None:
+    """The tenant id an admin key names, or None when it is not shaped like one."""
+    if not admin_key.startswith(ADMIN_PREFIX) or len(admin_key) > 200:
+        return None
+    tenant, dot, secret = admin_key[len(ADMIN_PREFIX) :].partition(".")
+    if not dot or len(tenant) != 16 or not secret or not tenant.isalnum() or not tenant.islower():
+        return None
+    return tenant
+
+
+def connect(url: str, *, timeout: float, max_connections: int) -> Store:
+    """A client for a Redis server (redis://, rediss://, unix://) or cluster (redis+cluster://)."""
+    retry = Retry(ExponentialBackoff(cap=0.05, base=0.005), retries=1)
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": retry,
+        "retry_on_error": [rexc.ConnectionError, rexc.TimeoutError],
+        "health_check_interval": 0,
+    }
+    if "+cluster://" in url:
+        return RedisCluster.from_url(
+            url.replace("+cluster://", "://", 1),
+            max_connections=max_connections,
+            **common,
+        )
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **common
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+def _script(name: str) -> str:
+    return resources.files("till.server").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _int(value: bytes | str | None, default: int = 0) -> int:
+    return default if value is None else int(value)
+
+
+def _opt(value: bytes | str | None) -> int | None:
+    return None if value is None or value in (b"", "") else int(value)
+
+
+def _str(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_meta_decoder = msgspec.json.Decoder(dict[str, Any])
+_ips_decoder = msgspec.json.Decoder(list[str])
+_encode = msgspec.json.encode
+
+
+class Ledger:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        # redis-py's command annotations cover sync and async clients at once; calls go
+        # through an Any-typed alias rather than a cast at every call site.
+        self._r: Any = store
+        self._reserve = store.register_script(_script("reserve"))
+        self._settle = store.register_script(_script("settle"))
+        self._create_key = store.register_script(_script("create_key"))
+        self._revoke_key = store.register_script(_script("revoke_key"))
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError) as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+        except rexc.ResponseError as exc:
+            # Cluster reconfiguring, replica read-only, out of memory: all transient for us.
+            msg = str(exc)
+            if msg.startswith(
+                ("CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "LOADING")
+            ):
+                raise StoreUnavailable(msg.split(" ", 1)[0]) from exc
+            raise
+        except rexc.RedisClusterException as exc:
+            raise StoreUnavailable(type(exc).__name__) from exc
+
+    async def ping(self) -> None:
+        await self._call(self._r.ping)
+
+    # --- tenants and admin keys ---
+
+    async def create_tenant(self, name: str, email: str, plan: Plan) -> tuple[TenantRecord, str]:
+        tenant_id = new_tenant_id()
+        record = TenantRecord(
+            id=tenant_id,
+            name=name,
+            email=email,
+            plan=plan.name,
+            status="active",
+            max_keys=plan.max_keys,
+            max_activations_per_month=plan.max_activations_per_month,
+            live_keys=0,
+            created_ms=now_ms(),
+        )
+        fields = {
+            "id": record.id,
+            "name": record.name,
+            "email": record.email,
+            "plan": record.plan,
+            "status": record.status,
+            "max_keys": record.max_keys,
+            "max_apm": record.max_activations_per_month,
+            "live_keys": 0,
+            "created": record.created_ms,
+        }
+
+        async def write() -> None:
+            await self._r.hset(tkey(tenant_id, "tenant"), mapping=fields)
+            await self._r.sadd(TENANTS_SET, tenant_id)
+
+        await self._call(write)
+        return record, await self.add_admin_key(tenant_id)
+
+    async def add_admin_key(self, tenant_id: str) -> str:
+        """A new admin key for the tenant. Only its hash is stored; the key is shown once."""
+        admin_key = f"{ADMIN_PREFIX}{tenant_id}.{secrets.token_urlsafe(32)}"
+
+        async def write() -> None:
+            await self._r.hset(tkey(tenant_id, "admins"), hash_admin_key(admin_key), str(now_ms()))
+
+        await self._call(write)
+        return admin_key
+
+    async def authenticate_admin(self, admin_key: str) -> str | None:
+        """The tenant id the admin key belongs to, or None."""
+        tenant_id = admin_key_tenant(admin_key)
+        if tenant_id is None:
+            return None
+        hashes: dict[bytes, bytes] = await self._call(
+            lambda: self._r.hgetall(tkey(tenant_id, "admins"))
+        )
+        digest = hash_admin_key(admin_key).encode()
+        found = False
+        for stored in hashes:
+            # Every stored hash is compared, in constant time each.
+            found |= hmac.compare_digest(stored, digest)
+        return tenant_id if found else None
+
+    async def tenant(self, tenant_id: str) -> TenantRecord | None:
+        raw: dict[bytes, bytes] = await self._call(
+            lambda: self._r.hgetall(tkey(tenant_id, "tenant"))
+        )
+        if not raw:
+            return None
+        return TenantRecord(
+            id=_str(raw[b"id"]),
+            name=_str(raw.get(b"name")),
+            email=_str(raw.get(b"email")),
+            plan=_str(raw.get(b"plan")),
+            status=_str(raw.get(b"status")),
+            max_keys=_int(raw.get(b"max_keys")),
+            max_activations_per_month=_int(raw.get(b"max_apm")),
+            live_keys=_int(raw.get(b"live_keys")),
+            created_ms=_int(raw.get(b"created")),
+        )
+
+    async def tenant_ids(self) -> list[str]:
+        members: set[bytes] = await self._call(lambda: self._r.smembers(TENANTS_SET))
+        return sorted(m.decode() for m in members)
+
+    async def month_activations(self, tenant_id: str, epoch_s: float | None = None) -> int:
+        month = month_of(time.time() if epoch_s is None else epoch_s)
+        value = await self._call(lambda: self._r.get(tkey(tenant_id, f"m:{month}")))
+        return _int(value)
+
+    # --- scoped keys ---
+
+    async def create_key(
+        self,
+        *,
+        tenant_id: str,
+        key_id: str,
+        provider: str,
+        max_activations: int,
+        max_tokens: int | None,
+        max_microcents: int | None,
+        metadata: dict[str, Any],
+        ip_whitelist: Sequence[str],
+    ) -> KeyRecord:
+        created = now_ms()
+        fields: list[str | int | bytes] = [
+            "id", key_id,
+            "tenant", tenant_id,
+            "provider", provider,
+            "status", "active",
+            "created", created,
+            "meta", _encode(metadata),
+            "ips", _encode(list(ip_whitelist)),
+            "max_act", max_activations,
+            "used_act", 0,
+            "used_tok", 0,
+            "held_tok", 0,
+            "used_mc", 0,
+            "held_mc", 0,
+        ]  # fmt: skip
+        if max_tokens is not None:
+            fields += ["max_tok", max_tokens]
+        if max_microcents is not None:
+            fields += ["max_mc", max_microcents]
+        keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}"), tkey(tenant_id, "keys")]
+        reply = await self._call(
+            lambda: self._create_key(keys=keys, args=[key_id, created, *fields])
+        )
+        if reply[0] != b"ok":
+            raise Refused(reply[1].decode(), int(reply[2]), int(reply[3]))
+        record = await self.get_key(tenant_id, key_id)
+        assert record is not None
+        return record
+
+    async def get_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
+        raw: dict[bytes, bytes] = await self._call(
+            lambda: self._r.hgetall(tkey(tenant_id, f"k:{key_id}"))
+        )
+        return _key_record(raw) if raw else None
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        async def fetch() -> list[dict[bytes, bytes]]:
+            ids: list[bytes] = await self._r.zrange(tkey(tenant_id, "keys"), 0, -1)
+            if not ids:
+                return []
+            # Same hash tag, same slot: one pipeline round trip, on a cluster too.
+            pipe = self._r.pipeline(transaction=False)
+            for key_id in ids:
+                pipe.hgetall(tkey(tenant_id, f"k:{key_id.decode()}"))
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+            return rows
+
+        return [_key_record(raw) for raw in await self._call(fetch) if raw]
+
+    async def revoke_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
+        keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}")]
+        result = await self._call(lambda: self._revoke_key(keys=keys, args=[now_ms()]))
+        if int(result) < 0:
+            return None
+        return await self.get_key(tenant_id, key_id)
+
+    async def key_count(self, tenant_id: str) -> int:
+        return int(await self._call(lambda: self._r.zcard(tkey(tenant_id, "keys"))))
+
+    # --- the hot path: one round trip each ---
+
+    async def reserve(
+        self,
+        *,
+        tenant_id: str,
+        key_id: str,
+        request_id: str,
+        month: str,
+        input_tokens: int,
+        asked_output: int,
+        default_output: int,
+        input_microcents: int,
+        output_nanocents: int,
+        hold_seconds: int,
+        min_output: int = 1,
+    ) -> Admission:
+        """Take one activation and hold the worst-case tokens and cost, or raise Refused."""
+        now = now_ms()
+        keys = [
+            tkey(tenant_id, f"k:{key_id}"),
+            tkey(tenant_id, "tenant"),
+            tkey(tenant_id, f"m:{month}"),
+            tkey(tenant_id, f"r:{request_id}"),
+            tkey(tenant_id, "holds"),
+        ]
+        args: list[str | int] = [
+            f"{key_id}:{request_id}",
+            now,
+            now + hold_seconds * 1000,
+            MONTH_TTL_SECONDS,
+            input_tokens,
+            asked_output,
+            default_output,
+            input_microcents,
+            output_nanocents,
+            min_output,
+        ]
+        reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        if reply[0] != b"ok":
+            raise Refused(reply[1].decode(), int(reply[2]), int(reply[3]), int(reply[4]))
+        return Admission(int(reply[1]), int(reply[2]), _unlimited(reply[3]), _unlimited(reply[4]))
+
+    async def settle(
+        self,
+        *,
+        tenant_id: str,
+        key_id: str,
+        request_id: str,
+        month: str,
+        tokens: int | None,
+        microcents: int | None,
+        refund_activation: bool = False,
+    ) -> Settlement | None:
+        """Charge what the request used (None: unknown, charge the hold). None if already done."""
+        keys = [
+            tkey(tenant_id, f"k:{key_id}"),
+            tkey(tenant_id, f"r:{request_id}"),
+            tkey(tenant_id, "holds"),
+            tkey(tenant_id, f"m:{month}"),
+        ]
+        args: list[str | int] = [
+            f"{key_id}:{request_id}",
+            -1 if tokens is None else max(0, tokens),
+            -1 if microcents is None else max(0, microcents),
+            1 if refund_activation else 0,
+            SETTLED_TTL_SECONDS,
+        ]
+        reply = await self._call(lambda: self._settle(keys=keys, args=args))
+        if reply[0] != b"ok":
+            return None
+        return Settlement(int(reply[1]), _unlimited(reply[2]), _unlimited(reply[3]))
+
+    async def reap(self, *, limit: int = 500) -> int:
+        """Charge the holds whose deadline passed (their worker died). Returns how many."""
+        reaped = 0
+        now = now_ms()
+        for tenant_id in await self.tenant_ids():
+            holds = tkey(tenant_id, "holds")
+            members: list[bytes] = await self._call(
+                partial(self._r.zrangebyscore, holds, "-inf", now, start=0, num=limit)
+            )
+            for member in members:
+                key_id, _, request_id = member.decode().partition(":")
+                # The reservation's month is unknown here; no refund is given, so it is unused.
+                done = await self.settle(
+                    tenant_id=tenant_id,
+                    key_id=key_id,
+                    request_id=request_id,
+                    month=month_of(now / 1000),
+                    tokens=None,
+                    microcents=None,
+                )
+                if done is None:
+                    # Settled meanwhile, or its record expired: drop the stale entry.
+                    await self._call(partial(self._r.zrem, holds, member))
+                else:
+                    reaped += 1
+        return reaped
+
+
+def _unlimited(value: int | bytes) -> int | None:
+    n = int(value)
+    return None if n < 0 else n
+
+
+def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
+    return KeyRecord(
+        id=_str(raw[b"id"]),
+        tenant_id=_str(raw[b"tenant"]),
+        provider=_str(raw[b"provider"]),
+        status=_str(raw[b"status"]),
+        created_ms=_int(raw.get(b"created")),
+        last_used_ms=_opt(raw.get(b"last_used")),
+        metadata=_meta_decoder.decode(raw.get(b"meta", b"{}")),
+        ip_whitelist=_ips_decoder.decode(raw.get(b"ips", b"[]")),
+        max_activations=_int(raw.get(b"max_act")),
+        used_activations=_int(raw.get(b"used_act")),
+        max_tokens=_opt(raw.get(b"max_tok")),
+        used_tokens=_int(raw.get(b"used_tok")),
+        held_tokens=_int(raw.get(b"held_tok")),
+        max_microcents=_opt(raw.get(b"max_mc")),
+        used_microcents=_int(raw.get(b"used_mc")),
+        held_microcents=_int(raw.get(b"held_mc")),
+    )
+
+
+__all__ = [
+    "MICROCENTS_PER_CENT",
+    "PLANS",
+    "Admission",
+    "KeyRecord",
+    "Ledger",
+    "Refused",
+    "Settlement",
+    "StoreUnavailable",
+    "TenantRecord",
+    "connect",
+]

@@ -1,0 +1,221 @@
+"""OpenAI: /v1 chat completions, responses, completions, embeddings and models."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from till.server.pricing import Usage
+from till.server.providers.base import (
+    Body,
+    Endpoint,
+    RequestInfo,
+    encode,
+    field_bool,
+    field_int,
+    field_obj,
+    field_str,
+    sse_data,
+)
+
+# Inference paths only. Files, fine-tuning, batches, assistants, organization and admin
+# endpoints of the upstream key are never reachable through a scoped token.
+ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
+    ("POST", "/v1/chat/completions"): Endpoint("chat"),
+    ("POST", "/v1/responses"): Endpoint("responses"),
+    ("POST", "/v1/completions"): Endpoint("completions"),
+    ("POST", "/v1/embeddings"): Endpoint("embeddings"),
+    ("GET", "/v1/models"): Endpoint("models", metered=False),
+}
+
+# The legacy completions endpoint writes 16 tokens when max_tokens is absent.
+COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+
+
+class _Details(msgspec.Struct):
+    cached_tokens: int = 0
+
+
+class _ChatUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: _Details | None = None
+
+
+class _ResponsesUsage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    input_tokens_details: _Details | None = None
+
+
+class _ChatView(msgspec.Struct):
+    model: str = ""
+    usage: _ChatUsage | None = None
+    choices: list[msgspec.Raw] | None = None
+
+
+class _ResponsesView(msgspec.Struct):
+    model: str = ""
+    usage: _ResponsesUsage | None = None
+
+
+class _ResponsesEvent(msgspec.Struct):
+    response: _ResponsesView | None = None
+
+
+_chat_view = msgspec.json.Decoder(_ChatView)
+_responses_view = msgspec.json.Decoder(_ResponsesView)
+_responses_event = msgspec.json.Decoder(_ResponsesEvent)
+
+
+def _has_usage(event: bytes) -> bool:
+    # A cheap byte test first: most events carry no usage, or "usage":null.
+    return b'"usage":{' in event or b'"usage": {' in event
+
+
+def _chat_usage(u: _ChatUsage) -> Usage:
+    cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0
+    return Usage(
+        input_tokens=u.prompt_tokens, output_tokens=u.completion_tokens, cache_read_tokens=cached
+    )
+
+
+def _responses_usage(u: _ResponsesUsage) -> Usage:
+    cached = u.input_tokens_details.cached_tokens if u.input_tokens_details else 0
+    return Usage(
+        input_tokens=u.input_tokens, output_tokens=u.output_tokens, cache_read_tokens=cached
+    )
+
+
+class ChatMeter:
+    """Chat and legacy completions streams: usage rides on a last chunk with no choices."""
+
+    def __init__(self, wants_usage: bool) -> None:
+        self.usage: Usage | None = None
+        self.model = ""
+        self._wants_usage = wants_usage
+
+    def keep(self, event: bytes) -> bool:
+        if not _has_usage(event):
+            return True
+        try:
+            view = _chat_view.decode(sse_data(event))
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return True
+        if view.usage is None:
+            return True
+        self.usage = _chat_usage(view.usage)
+        self.model = view.model or self.model
+        # We added include_usage ourselves: the client never asked for this chunk.
+        return self._wants_usage or bool(view.choices)
+
+
+class ResponsesMeter:
+    """Responses streams: the terminal event (completed, incomplete, failed) carries usage."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.model = ""
+
+    def keep(self, event: bytes) -> bool:
+        if _has_usage(event):
+            try:
+                view = _responses_event.decode(sse_data(event))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return True
+            if view.response is not None and view.response.usage is not None:
+                self.usage = _responses_usage(view.response.usage)
+                self.model = view.response.model or self.model
+        return True
+
+
+class OpenAI:
+    name = "openai"
+
+    def speaks(self, path: str) -> bool:
+        return path.startswith("/v1/")
+
+    def match(self, method: str, path: str) -> Endpoint | None:
+        return ENDPOINTS.get((method, path))
+
+    def auth_headers(self, upstream_key: str) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {upstream_key}")]
+
+    def inspect(self, endpoint: Endpoint, body: Body) -> RequestInfo:
+        info = RequestInfo(model=field_str(body, "model"), stream=field_bool(body, "stream"))
+        if endpoint.kind == "chat":
+            info.generations = max(1, field_int(body, "n") or 1)
+            per = _min_set(field_int(body, "max_completion_tokens"), field_int(body, "max_tokens"))
+        elif endpoint.kind == "completions":
+            info.generations = max(1, field_int(body, "n") or 1, field_int(body, "best_of") or 1)
+            per = field_int(body, "max_tokens")
+            if per is None:
+                per = COMPLETIONS_DEFAULT_MAX_TOKENS
+        elif endpoint.kind == "responses":
+            per = field_int(body, "max_output_tokens")
+        else:  # embeddings produce no output tokens
+            per = 0
+        info.asked_output = -1 if per is None else per * info.generations
+        if info.stream and endpoint.kind in ("chat", "completions"):
+            options = field_obj(body, "stream_options")
+            info.wants_stream_usage = options.get("include_usage") is True
+        return info
+
+    def rewrite(self, endpoint: Endpoint, body: Body, info: RequestInfo, grant: int) -> bool:
+        changed = False
+        if info.stream and not info.wants_stream_usage:
+            options = field_obj(body, "stream_options")
+            options["include_usage"] = True
+            body["stream_options"] = msgspec.Raw(encode(options))
+            changed = True
+        if grant < 0 or endpoint.kind == "embeddings":
+            return changed
+        per = grant // info.generations
+        if info.asked_output >= 0 and per * info.generations >= info.asked_output:
+            return changed
+        cap = msgspec.Raw(str(per).encode())
+        if endpoint.kind == "chat":
+            # Reasoning models accept only max_completion_tokens; keep the client's choice when
+            # it made one, and lower both when it sent both.
+            named = [f for f in ("max_completion_tokens", "max_tokens") if f in body]
+            for f in named or ["max_completion_tokens"]:
+                body[f] = cap
+        elif endpoint.kind == "completions":
+            body["max_tokens"] = cap
+        elif endpoint.kind == "responses":
+            body["max_output_tokens"] = cap
+        return True
+
+    def usage(self, endpoint: Endpoint, data: bytes) -> tuple[Usage | None, str]:
+        try:
+            if endpoint.kind == "responses":
+                rv = _responses_view.decode(data)
+                return (_responses_usage(rv.usage) if rv.usage else None), rv.model
+            cv = _chat_view.decode(data)
+            return (_chat_usage(cv.usage) if cv.usage else None), cv.model
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None, ""
+
+    def meter(self, endpoint: Endpoint, info: RequestInfo) -> ChatMeter | ResponsesMeter:
+        if endpoint.kind == "responses":
+            return ResponsesMeter()
+        return ChatMeter(info.wants_stream_usage)
+
+    def error_body(self, status: int, code: str, message: str, extra: dict[str, Any]) -> bytes:
+        kind = {
+            401: "invalid_request_error",
+            402: "insufficient_quota",
+            403: "permission_error",
+            404: "invalid_request_error",
+            413: "invalid_request_error",
+            429: "rate_limit_error",
+        }.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        return encode(
+            {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
+        )
+
+
+def _min_set(*values: int | None) -> int | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None

@@ -1,0 +1,547 @@
+"""The proxy route: authenticate -> reserve -> forward -> relay -> settle.
+
+A raw ASGI app: the hot path owns its request lifecycle (body cap, client disconnects,
+settlement that survives cancellation) instead of going through a buffering response class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Final
+from urllib.parse import parse_qsl
+
+import aiohttp
+
+from till.errors import LIMIT_CODES, status_for
+from till.server.ledger import (
+    MICROCENTS_PER_CENT,
+    Admission,
+    Ledger,
+    Refused,
+    Settlement,
+    StoreUnavailable,
+    month_of,
+)
+from till.server.pricing import Pricer, Usage
+from till.server.providers.base import (
+    BadRequest,
+    Body,
+    Endpoint,
+    Provider,
+    RequestInfo,
+    StreamMeter,
+    decode_body,
+    encode,
+)
+from till.server.relay import UpstreamCut, relay_events
+from till.server.settings import Settings
+from till.tokens import InvalidToken, Keyring, TokenClaims, unseal
+
+log = logging.getLogger("till.proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+# Request headers never passed to the provider: the client's credentials (the Till token),
+# hop-by-hop and recomputed headers, and headers that would pick another organization, project
+# or billing account of the upstream key than the one its owner sealed.
+DROP_REQUEST_HEADERS: Final = frozenset(
+    {b"authorization", b"x-api-key", b"x-goog-api-key", b"cookie", b"host", b"content-length",
+     b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+     b"proxy-authorization", b"proxy-connection", b"expect", b"accept-encoding",
+     b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
+     b"openai-organization", b"openai-project", b"x-goog-user-project"}
+)  # fmt: skip
+# Response headers never passed back: hop-by-hop, recomputed, or naming the key's owner.
+DROP_RESPONSE_HEADERS: Final = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+     "proxy-authenticate", "content-length", "content-encoding", "set-cookie",
+     "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc"}
+)  # fmt: skip
+TOKEN_CACHE_SIZE: Final = 10_000
+RETRY_AFTER_SECONDS: Final = "2"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenKey:
+    """An unsealed token and what is derived from it once, cached by the token string."""
+
+    claims: TokenClaims
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+class ProxyError(Exception):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+        self.status = status_for(code)
+
+
+class ClientGone(Exception):
+    """The client went away before its request body arrived."""
+
+
+def estimate_input_tokens(body: bytes) -> int:
+    # No tokenizer on the hot path: one token per three bytes of JSON over-counts text in
+    # every script we know of (English runs near four characters a token, and JSON adds
+    # quotes and keys), so the hold errs on the safe side; settlement uses the real figure.
+    return len(body) // 3 + 1
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's state, filled in as it goes; settlement reads it exactly once."""
+
+    claims: TokenClaims
+    provider: Provider
+    endpoint: Endpoint
+    info: RequestInfo
+    request_id: str
+    month: str
+    usage: Usage | None = None
+    model: str = ""
+    # Unknown usage charges the hold; "zero" when nothing was served (an upstream error).
+    charge_zero: bool = False
+    refund: bool = False
+    meter: StreamMeter | None = None
+    settled: bool = False
+    settlement: Settlement | None = None
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: Keyring,
+        ledger: Callable[[], Ledger],
+        http: Callable[[], aiohttp.ClientSession],
+        providers: dict[str, Provider],
+        pricer: Pricer,
+    ) -> None:
+        self.settings = settings
+        self.keyring = keyring
+        self._ledger = ledger
+        self._http = http
+        self.providers = providers
+        self.pricer = pricer
+        self._tokens: dict[str, OpenKey] = {}
+        self._trusted = tuple(
+            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
+        )
+        self._settling: set[asyncio.Task[Any]] = set()
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._handle(scope, receive, send)
+        except ProxyError as exc:
+            # The client's SDK is known by the path it called: answer in its dialect.
+            dialect = self._dialect(scope["path"])
+            headers = [(b"content-type", b"application/json")]
+            if exc.status == 503:
+                headers.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
+            body = dialect.error_body(exc.status, exc.code, exc.message, exc.extra)
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+        except ClientGone:
+            return
+
+    def _dialect(self, path: str) -> Provider:
+        for provider in self.providers.values():
+            if provider.speaks(path):
+                return provider
+        return self.providers["openai"]
+
+    # --- steps 1 and 2: the token, and what it says by itself ---
+
+    def _open(self, token: str) -> OpenKey:
+        hit = self._tokens.get(token)
+        if hit is not None:
+            return hit
+        claims = unseal(self.keyring, token)
+        networks = tuple(ipaddress.ip_network(n, strict=False) for n in claims.ip_whitelist)
+        key = OpenKey(claims, networks)
+        if len(self._tokens) >= TOKEN_CACHE_SIZE:
+            del self._tokens[next(iter(self._tokens))]
+        self._tokens[token] = key
+        return key
+
+    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
+        peer = str((scope.get("client") or ("", 0))[0])
+        forwarded = headers.get(b"x-forwarded-for")
+        if not forwarded or not self._is_trusted(peer):
+            return peer
+        # The right-most address not added by one of our own proxies is the client.
+        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def _is_trusted(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
+
+    def _check_claims(self, scope: Scope, headers: dict[bytes, bytes], key: OpenKey) -> None:
+        claims = key.claims
+        if claims.expires_at is not None and time.time() >= claims.expires_at:
+            raise ProxyError("key_expired", "This key has expired.")
+        if key.networks:
+            try:
+                addr = ipaddress.ip_address(self._client_ip(scope, headers))
+            except ValueError:
+                addr = None
+            if addr is None or not any(addr in net for net in key.networks):
+                raise ProxyError("ip_not_allowed", "This key may not be used from your address.")
+
+    # --- the request ---
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = dict(scope["headers"])
+        token = _find_token(headers, scope.get("query_string", b""))
+        if token is None:
+            raise ProxyError("invalid_api_key", "No API key provided. Use your Till scoped key.")
+        try:
+            key = self._open(token)
+        except InvalidToken:
+            raise ProxyError("invalid_api_key", "Incorrect API key provided.") from None
+        provider = self.providers[key.claims.provider]
+        method, path = scope["method"], scope["path"]
+        endpoint = provider.match(method, path)
+        if endpoint is None:
+            raise ProxyError("not_found", f"Till does not forward {method} {path}.")
+        self._check_claims(scope, headers, key)
+
+        # Step 3: body, estimate, reserve.
+        raw = await self._read_body(receive, headers) if method == "POST" else b""
+        body: Body = {}
+        info = RequestInfo(asked_output=0)
+        if endpoint.metered:
+            try:
+                body = decode_body(raw)
+            except BadRequest as exc:
+                raise ProxyError("invalid_json", str(exc)) from None
+            info = provider.inspect(endpoint, body)
+        ex = Exchange(
+            key.claims, provider, endpoint, info, os.urandom(12).hex(), month_of(time.time())
+        )
+        admission = await self._reserve(ex, estimate_input_tokens(raw) if endpoint.metered else 0)
+        try:
+            if endpoint.metered and provider.rewrite(endpoint, body, info, admission.grant):
+                raw = encode(body)
+            await self._exchange(scope, receive, send, headers, ex, raw, admission)
+        finally:
+            if not ex.settled:
+                # Shielded: a cancelled request (client gone, shutdown) still settles.
+                task = asyncio.ensure_future(self._settle(ex))
+                self._settling.add(task)
+                task.add_done_callback(self._settling.discard)
+                await asyncio.shield(task)
+
+    async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
+        limit = self.settings.max_body_bytes
+        too_large = ProxyError("payload_too_large", f"Request bodies are limited to {limit} bytes.")
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise ProxyError("invalid_json", "Content-Length is not a number.")
+            if int(declared) > limit:
+                raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _reserve(self, ex: Exchange, input_tokens: int) -> Admission:
+        info = ex.info
+        rates = self.pricer.rates(ex.provider.name, info.model) if info.model else None
+        produces_output = ex.endpoint.metered and ex.endpoint.kind != "embeddings"
+        try:
+            return await self._ledger().reserve(
+                tenant_id=ex.claims.tenant_id,
+                key_id=ex.claims.key_id,
+                request_id=ex.request_id,
+                month=ex.month,
+                input_tokens=input_tokens,
+                asked_output=info.asked_output,
+                default_output=self.settings.default_max_output_tokens * info.generations,
+                input_microcents=-1
+                if rates is None
+                else math.ceil(input_tokens * rates.input_nanocents_per_token / 1000),
+                output_nanocents=-1 if rates is None else rates.output_nanocents_per_token,
+                hold_seconds=self.settings.hold_seconds,
+                min_output=info.generations if produces_output else 0,
+            )
+        except StoreUnavailable:
+            raise ProxyError(
+                "store_unavailable", "Till's budget store is unavailable; retry shortly."
+            ) from None
+        except Refused as exc:
+            raise _refusal(exc, info.model) from None
+
+    # --- steps 4 and 5: forward and relay ---
+
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        headers: dict[bytes, bytes],
+        ex: Exchange,
+        raw: bytes,
+        admission: Admission,
+    ) -> None:
+        provider = ex.provider
+        forward = [
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in headers.items()
+            if k not in DROP_REQUEST_HEADERS
+        ]
+        forward += provider.auth_headers(ex.claims.upstream_key)
+        try:
+            upstream = await self._http().request(
+                scope["method"],
+                self.settings.upstream(provider.name) + scope["path"],
+                params=_upstream_query(scope.get("query_string", b"")) or None,
+                data=raw if scope["method"] == "POST" else None,
+                headers=forward,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientConnectorError:
+            ex.refund, ex.charge_zero = True, True
+            raise ProxyError("upstream_unavailable", "The provider could not be reached.") from None
+        except (aiohttp.ClientError, TimeoutError):
+            ex.charge_zero = True
+            raise ProxyError("upstream_unavailable", "The provider did not answer.") from None
+        try:
+            status = upstream.status
+            if 300 <= status < 400:
+                # Never followed, and the Location never passed on: it could lead a client,
+                # and its token, to another host.
+                ex.charge_zero = True
+                raise ProxyError("upstream_unavailable", "The provider answered with a redirect.")
+            out_headers = _response_headers(upstream, ex.request_id)
+            ctype = upstream.headers.get("content-type", "")
+            if status < 400 and ctype.startswith("text/event-stream"):
+                await self._stream(receive, send, upstream, out_headers, ex, status)
+                return
+            try:
+                data = await upstream.read()
+            except (aiohttp.ClientError, TimeoutError):
+                ex.charge_zero = True
+                raise ProxyError(
+                    "upstream_unavailable", "The provider's answer broke off."
+                ) from None
+            if status >= 400 or not ex.endpoint.metered:
+                # An upstream error bills nothing: the activation counts, the hold is released.
+                ex.charge_zero = True
+            else:
+                ex.usage, ex.model = provider.usage(ex.endpoint, data)
+            settlement = await self._settle(ex)
+            out_headers += _remaining_headers(settlement or admission)
+            out_headers.append((b"content-length", str(len(data)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+        finally:
+            upstream.release()
+
+    async def _stream(
+        self,
+        receive: Receive,
+        send: Send,
+        upstream: aiohttp.ClientResponse,
+        out_headers: list[tuple[bytes, bytes]],
+        ex: Exchange,
+        status: int,
+    ) -> None:
+        meter = ex.meter = ex.provider.meter(ex.endpoint, ex.info)
+        out_headers.append((b"x-accel-buffering", b"no"))
+        await send({"type": "http.response.start", "status": status, "headers": out_headers})
+        relay = asyncio.ensure_future(relay_events(upstream, send, meter))
+        watch = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if relay not in done:
+                # The client left: stop reading and drop the upstream connection now.
+                relay.cancel()
+                await asyncio.gather(relay, return_exceptions=True)
+                upstream.close()
+                ex.usage, ex.model = meter.usage, meter.model
+                return
+            cut = relay.exception()
+            if isinstance(cut, UpstreamCut):
+                log.warning("upstream stream broke off (%s)", cut)
+                error = ex.provider.error_body(
+                    502, "upstream_unavailable", "The provider's stream broke off.", {}
+                )
+                await send(
+                    {"type": "http.response.body", "body": b"data: " + error + b"\n\n",
+                     "more_body": True}
+                )  # fmt: skip
+            elif cut is not None:
+                raise cut
+        finally:
+            watch.cancel()
+            relay.cancel()
+        ex.usage, ex.model = meter.usage, meter.model
+        # Settle before the stream's end reaches the client: a read after it sees the usage.
+        await self._settle(ex)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    # --- step 6: settle ---
+
+    async def _settle(self, ex: Exchange) -> Settlement | None:
+        if ex.settled:
+            return ex.settlement
+        ex.settled = True
+        tokens: int | None = None
+        cost: int | None = None
+        if ex.usage is not None:
+            tokens = ex.usage.total_tokens
+            cost = self._cost(ex.provider.name, (ex.model, ex.info.model), ex.usage)
+        elif ex.charge_zero:
+            tokens, cost = 0, 0
+        try:
+            ex.settlement = await self._ledger().settle(
+                tenant_id=ex.claims.tenant_id,
+                key_id=ex.claims.key_id,
+                request_id=ex.request_id,
+                month=ex.month,
+                tokens=tokens,
+                microcents=cost,
+                refund_activation=ex.refund,
+            )
+        except StoreUnavailable:
+            # The hold stays; the reaper charges it once its deadline passes.
+            log.warning("settlement deferred to the reaper: store unavailable")
+        return ex.settlement
+
+    def _cost(self, provider: str, models: tuple[str, ...], usage: Usage) -> int:
+        for model in models:
+            if model:
+                cost = self.pricer.cost_microcents(provider, model, usage)
+                if cost is not None:
+                    return cost
+        return 0
+
+
+def _refusal(exc: Refused, model: str) -> ProxyError:
+    code = exc.code
+    if code == "unknown_model_price":
+        return ProxyError(
+            code,
+            f"This key has a spend limit and Till knows no price for model {model!r}.",
+            model=model,
+        )
+    if code not in LIMIT_CODES:
+        messages = {
+            "key_revoked": "This key has been revoked.",
+            "invalid_api_key": "Incorrect API key provided.",
+            "tenant_suspended": "This key's account is suspended.",
+        }
+        return ProxyError(code, messages.get(code, "This key cannot be used."))
+    limit, used, remaining = exc.limit, exc.used, exc.remaining
+    what = {
+        "activation_limit_reached": "activations",
+        "token_limit_reached": "tokens",
+        "spend_limit_reached": "spend",
+        "monthly_quota_reached": "monthly activations",
+    }[code]
+    if code == "spend_limit_reached":
+        # Cents on the wire, as the key's limit was given.
+        limit_c, used_c, rem_c = (
+            round(v / MICROCENTS_PER_CENT, 6) for v in (limit, used, remaining)
+        )
+        return ProxyError(
+            code,
+            f"This key's spend limit is reached: {used_c} of {limit_c} cents used.",
+            limit=limit_c, used=used_c, remaining=rem_c, unit="cents",
+        )  # fmt: skip
+    return ProxyError(
+        code,
+        f"This key's {what} limit is reached: {used} of {limit} used, {remaining} remaining.",
+        limit=limit, used=used, remaining=remaining, unit=what,
+    )  # fmt: skip
+
+
+def _find_token(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
+    auth = headers.get(b"authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and value:
+            return value.strip().decode("latin-1")
+    for name in (b"x-api-key", b"x-goog-api-key"):
+        header = headers.get(name)
+        if header:
+            return header.strip().decode("latin-1")
+    if query_string and b"key=" in query_string:
+        for k, v in parse_qsl(query_string.decode("latin-1")):
+            if k == "key" and v:
+                return v
+    return None
+
+
+def _upstream_query(query_string: bytes) -> list[tuple[str, str]]:
+    # The client's ?key= is its Till token: never forwarded.
+    if not query_string:
+        return []
+    return [(k, v) for k, v in parse_qsl(query_string.decode("latin-1")) if k != "key"]
+
+
+def _response_headers(
+    upstream: aiohttp.ClientResponse, request_id: str
+) -> list[tuple[bytes, bytes]]:
+    out = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in upstream.headers.items()
+        if k.lower() not in DROP_RESPONSE_HEADERS
+    ]
+    out.append((b"x-till-request-id", request_id.encode()))
+    return out
+
+
+def _remaining_headers(state: Admission | Settlement) -> list[tuple[bytes, bytes]]:
+    out = [(b"x-till-remaining-activations", str(max(0, state.remaining_activations)).encode())]
+    if state.remaining_tokens is not None:
+        out.append((b"x-till-remaining-tokens", str(state.remaining_tokens).encode()))
+    if state.remaining_microcents is not None:
+        cents = state.remaining_microcents / MICROCENTS_PER_CENT
+        out.append(
+            (b"x-till-remaining-spend-cents", f"{cents:.6f}".rstrip("0").rstrip(".").encode())
+        )
+    return out
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

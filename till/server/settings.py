@@ -1,0 +1,144 @@
+"""Server settings: read once from the environment (and CLI flags), then immutable."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_UPSTREAMS = {
+    "openai": "https://api.openai.com",
+    "anthropic": "https://api.anthropic.com",
+    "google": "https://generativelanguage.googleapis.com",
+}
+
+
+class SettingsError(ValueError):
+    """A setting has a value Till cannot use; the message names the variable."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 8787
+    workers: int = 1
+    # None: the embedded Redis under data_dir.
+    redis_url: str | None = None
+    data_dir: Path = Path(".till")
+    # None: generated into data_dir on first run (embedded store only).
+    secret_keys: str | None = None
+    upstream_openai: str = DEFAULT_UPSTREAMS["openai"]
+    upstream_anthropic: str = DEFAULT_UPSTREAMS["anthropic"]
+    upstream_google: str = DEFAULT_UPSTREAMS["google"]
+    # Requests: bodies past this size get 413 before they are read in full.
+    max_body_bytes: int = 32 * 1024 * 1024
+    # Upstream: connect, and the longest silence between two bytes of a response.
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 300.0
+    # A hold not settled by then (worker died) is charged by the reaper.
+    hold_seconds: int = 3600
+    # Output tokens reserved when a limited key's request sets no output cap of its own.
+    default_max_output_tokens: int = 4096
+    # Redis: fail closed (503) rather than wait longer than this.
+    redis_timeout: float = 2.0
+    redis_max_connections: int = 512
+    # X-Forwarded-For is believed only from these peers (the load balancer).
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    access_log: bool = False
+    log_level: str = "info"
+
+    @property
+    def embedded(self) -> bool:
+        return self.redis_url is None
+
+    def upstream(self, provider: str) -> str:
+        value: str = getattr(self, f"upstream_{provider}")
+        return value.rstrip("/")
+
+
+_ENV: dict[str, tuple[str, type]] = {
+    "TILL_HOST": ("host", str),
+    "TILL_PORT": ("port", int),
+    "TILL_WORKERS": ("workers", int),
+    "TILL_REDIS_URL": ("redis_url", str),
+    "TILL_DATA_DIR": ("data_dir", Path),
+    "TILL_SECRET_KEYS": ("secret_keys", str),
+    "TILL_UPSTREAM_OPENAI": ("upstream_openai", str),
+    "TILL_UPSTREAM_ANTHROPIC": ("upstream_anthropic", str),
+    "TILL_UPSTREAM_GOOGLE": ("upstream_google", str),
+    "TILL_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "TILL_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", float),
+    "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
+    "TILL_HOLD_SECONDS": ("hold_seconds", int),
+    "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
+    "TILL_REDIS_TIMEOUT": ("redis_timeout", float),
+    "TILL_REDIS_MAX_CONNECTIONS": ("redis_max_connections", int),
+    "TILL_TRUSTED_PROXIES": ("trusted_proxies", tuple),
+    "TILL_ACCESS_LOG": ("access_log", bool),
+    "TILL_LOG_LEVEL": ("log_level", str),
+}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _convert(name: str, raw: str, kind: type) -> object:
+    try:
+        if kind is bool:
+            low = raw.strip().lower()
+            if low not in _TRUE | _FALSE:
+                raise ValueError(raw)
+            return low in _TRUE
+        if kind is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        return kind(raw)
+    except ValueError:
+        # The value itself is not echoed: TILL_SECRET_KEYS must never reach a log.
+        raise SettingsError(f"{name} is not a valid {kind.__name__}") from None
+
+
+def from_env(env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Build Settings from TILL_* variables; keyword overrides (CLI flags) win."""
+    env = os.environ if env is None else env
+    values: dict[str, object] = {}
+    for name, (field, kind) in _ENV.items():
+        raw = env.get(name)
+        if raw is not None and (raw != "" or kind is bool):
+            values[field] = _convert(name, raw, kind)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(**values)  # type: ignore[arg-type]
+    validate(settings)
+    return settings
+
+
+def validate(s: Settings) -> None:
+    if not 0 <= s.port <= 65535:
+        raise SettingsError("TILL_PORT must be between 0 and 65535")
+    if s.workers < 1:
+        raise SettingsError("TILL_WORKERS must be at least 1")
+    if s.max_body_bytes < 1024:
+        raise SettingsError("TILL_MAX_BODY_BYTES must be at least 1024")
+    if s.hold_seconds < 60:
+        raise SettingsError("TILL_HOLD_SECONDS must be at least 60")
+    if s.default_max_output_tokens < 1:
+        raise SettingsError("TILL_DEFAULT_MAX_OUTPUT_TOKENS must be at least 1")
+    for name in ("redis_timeout", "upstream_connect_timeout", "upstream_read_timeout"):
+        if getattr(s, name) <= 0:
+            raise SettingsError(f"TILL_{name.upper()} must be positive")
+    for provider in DEFAULT_UPSTREAMS:
+        url = s.upstream(provider)
+        if not url.startswith(("http://", "https://")):
+            raise SettingsError(f"TILL_UPSTREAM_{provider.upper()} must be an http(s) URL")
+    if s.redis_url is not None and not s.redis_url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ):
+        raise SettingsError(
+            "TILL_REDIS_URL must start with redis://, rediss://, unix:// or redis+cluster://"
+        )
+    for peer in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(peer, strict=False)
+        except ValueError:
+            raise SettingsError(f"TILL_TRUSTED_PROXIES: {peer!r} is not an IP or CIDR") from None
