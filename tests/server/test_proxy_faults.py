@@ -1,0 +1,187 @@
+"""The proxy when parts fail: the store goes away, the client leaves, workers share a store."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import (
+    UPSTREAM_KEY,
+    Mock,
+    RedisServer,
+    Till,
+    assert_no_secrets,
+    short_tmpdir,
+    start_redis,
+    start_till,
+    stop_process,
+    till_env,
+)
+from till.tokens import Keyring
+
+MESSAGES = [{"role": "user", "content": "Hello there"}]
+
+
+def new_key(till: Till, admin_key: str, **fields: object) -> dict[str, object]:
+    body = {"provider": "openai", "upstream_key": UPSTREAM_KEY, "max_activations": 100, **fields}
+    with till.admin(admin_key) as admin:
+        resp = admin.post("/admin/keys", json=body)
+    assert resp.status_code == 201, resp.text
+    key: dict[str, object] = resp.json()["key"]
+    return key
+
+
+def read_key(till: Till, admin_key: str, key_id: object) -> dict[str, object]:
+    with till.admin(admin_key) as admin:
+        key: dict[str, object] = admin.get(f"/admin/keys/{key_id}").json()["key"]
+    return key
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis server this test may stop and start."""
+    directory = short_tmpdir("till-own-redis-")
+    server = start_redis(directory)
+    yield server
+    stop_process(server.proc)
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def till_on(own_redis: RedisServer, mock_upstream: Mock, log_dir: Path) -> Iterator[Till]:
+    data_dir = short_tmpdir("till-faults-")
+    env = till_env(
+        data_dir,
+        mock_upstream.url,
+        own_redis.url,
+        TILL_SECRET_KEYS=Keyring.generate("f1").format(),
+        TILL_REDIS_TIMEOUT="0.5",
+    )
+    server = start_till(env, log_dir / f"till-faults-{time.monotonic_ns()}.log")
+    yield server
+    server.stop()
+    assert_no_secrets(server.log)
+    shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_store_down_fails_closed_and_recovers(
+    till_on: Till, own_redis: RedisServer, mock_upstream: Mock
+) -> None:
+    admin_key = till_on.new_tenant()
+    token = new_key(till_on, admin_key)["scopedKey"]
+    with openai.OpenAI(api_key=str(token), base_url=f"{till_on.url}/v1", max_retries=0) as oa:
+        oa.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        stop_process(own_redis.proc)
+        mock_upstream.reset()
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as caught:
+            oa.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        assert time.monotonic() - started < 5
+        assert caught.value.status_code == 503
+        assert caught.value.response.headers["retry-after"].isdigit()
+        assert caught.value.code == "store_unavailable"
+        assert mock_upstream.requests() == []
+        # Admin API fails closed too, with the same advice.
+        with till_on.admin(admin_key) as admin:
+            resp = admin.get("/admin/keys")
+        assert resp.status_code == 503 and "retry-after" in resp.headers
+        # The store comes back on the same port (AOF kept the data): Till recovers by itself.
+        restarted = start_redis(own_redis.dir, own_redis.port)
+        own_redis.proc = restarted.proc
+        oa.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert len(mock_upstream.requests()) == 1
+
+
+def test_client_disconnect_mid_stream_closes_upstream_and_charges(
+    till: Till, mock_upstream: Mock
+) -> None:
+    admin_key = till.new_tenant()
+    key = new_key(till, admin_key, max_tokens=100_000)
+    mock_upstream.reset()
+
+    async def read_two_then_leave() -> None:
+        async with openai.AsyncOpenAI(
+            api_key=str(key["scopedKey"]), base_url=f"{till.url}/v1", max_retries=0
+        ) as oa:
+            stream = await oa.chat.completions.create(
+                model="gpt-4o",
+                messages=MESSAGES,
+                stream=True,
+                max_tokens=200,
+                extra_headers={"x-mock-delay-ms": "50"},
+            )
+            seen = 0
+            async for _ in stream:
+                seen += 1
+                if seen == 2:
+                    break
+            await stream.close()
+
+    asyncio.run(read_two_then_leave())
+    left = time.monotonic()
+    deadline = left + 5
+    record: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        (record,) = mock_upstream.requests()
+        if record.get("ended_at"):
+            break
+        time.sleep(0.02)
+    assert record.get("disconnected"), record
+    # The upstream saw the connection close within a second of the client leaving.
+    assert time.monotonic() - left < 1.5
+    assert int(record["output_tokens_sent"]) < 200  # type: ignore[call-overload]
+    # Usage never arrived, so the hold is charged: the key cannot have used it for free.
+    deadline = time.monotonic() + 5
+    after = read_key(till, admin_key, key["id"])
+    while after["heldTokens"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+        after = read_key(till, admin_key, key["id"])
+    assert after["heldTokens"] == 0
+    assert int(after["usedTokens"]) >= 200  # type: ignore[call-overload]
+    assert after["usedActivations"] == 1
+
+
+def test_limit_is_exact_across_workers(
+    redis_server: RedisServer, mock_upstream: Mock, log_dir: Path
+) -> None:
+    data_dir = short_tmpdir("till-workers-")
+    env = till_env(
+        data_dir, mock_upstream.url, redis_server.url, TILL_SECRET_KEYS=Keyring.generate().format()
+    )
+    server = start_till(env, log_dir / "till-workers.log", "--workers", "3")
+    try:
+        admin_key = server.new_tenant()
+        token = str(new_key(server, admin_key, max_activations=50)["scopedKey"])
+        mock_upstream.reset()
+
+        async def fire() -> list[int]:
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+                async def one() -> int:
+                    resp = await http.post(
+                        f"{server.url}/v1/chat/completions",
+                        headers={"authorization": f"Bearer {token}"},
+                        json={"model": "gpt-4o", "messages": MESSAGES},
+                    )
+                    return resp.status_code
+
+                return await asyncio.gather(*(one() for _ in range(400)))
+
+        statuses = asyncio.run(fire())
+        assert statuses.count(200) == 50
+        assert statuses.count(402) == 350
+        assert len(mock_upstream.requests()) == 50
+        after = read_key(server, admin_key, token.split(".")[0].removeprefix("till_sk_"))
+        assert after["usedActivations"] == 50 and after["status"] == "exhausted"
+    finally:
+        server.stop()
+        assert_no_secrets(server.log)
+        shutil.rmtree(data_dir, ignore_errors=True)
