@@ -119,6 +119,8 @@ def main() -> int:
     finally:
         stop_process(till)
         stop_process(mock)
+        if mock.stdout is not None:
+            mock.stdout.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 
     lines = [f"| {name} | {p50:.2f} | {p99:.2f} | {ttfb:.2f} |" for name, p50, p99, ttfb in rows]

@@ -143,6 +143,7 @@ def mock_upstream() -> Iterator[Mock]:
     mock = Mock(f"http://127.0.0.1:{int(line.split()[1])}", proc)
     yield mock
     stop_process(proc)
+    proc.stdout.close()
 
 
 # --- Till servers ---

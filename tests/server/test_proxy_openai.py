@@ -110,9 +110,10 @@ def test_responses_completions_embeddings_and_models(
         assert embedding.data and embedding.usage.total_tokens == 2
         models = oa.models.list()
         assert list(models)
+        assert oa.models.retrieve("gpt-4o").id == "gpt-4o"
     totals = mock_upstream.totals()
     after = get_key(admin, key["id"])
-    assert after["usedActivations"] == 5
+    assert after["usedActivations"] == 6
     assert after["usedTokens"] == totals["total_tokens"]
 
 

@@ -1,6 +1,9 @@
 """The ASGI app as hypercorn workers import it: settings come from the environment."""
 
+from till.server import logs
 from till.server.app import create_app
 from till.server.settings import from_env
 
-app = create_app(from_env())
+settings = from_env()
+logs.configure(settings.log_level)
+app = create_app(settings)

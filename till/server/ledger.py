@@ -181,7 +181,12 @@ class Ledger:
         self._revoke_key = store.register_script(_script("revoke_key"))
 
     async def close(self) -> None:
-        await self._r.aclose()
+        if isinstance(self.store, aioredis.Redis):
+            # connect() hands the client an explicit pool, which redis-py then never closes
+            # by itself: without this, every pooled socket stays open.
+            await self.store.aclose(close_connection_pool=True)
+        else:
+            await self.store.aclose()
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:

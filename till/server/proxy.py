@@ -159,7 +159,8 @@ class Proxy:
             headers.append((b"content-length", str(len(body)).encode()))
             await send({"type": "http.response.start", "status": exc.status, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
-        except ClientGone:
+        except (ClientGone, OSError):
+            # The client went away; whatever it had reserved is settled already.
             return
 
     def _dialect(self, path: str) -> Provider:
@@ -224,11 +225,12 @@ class Proxy:
             key = self._open(token)
         except InvalidToken:
             raise ProxyError("invalid_api_key", "Incorrect API key provided.") from None
-        provider = self.providers[key.claims.provider]
         method, path = scope["method"], scope["path"]
-        endpoint = provider.match(method, path)
-        if endpoint is None:
-            raise ProxyError("not_found", f"Till does not forward {method} {path}.")
+        provider = self.providers.get(key.claims.provider)
+        endpoint = None if provider is None else provider.match(method, path)
+        if provider is None or endpoint is None:
+            # The path is not echoed: it is the client's input and may hold anything.
+            raise ProxyError("not_found", f"Till does not forward {method} requests to this path.")
         self._check_claims(scope, headers, key)
 
         # Step 3: body, estimate, reserve.

@@ -26,7 +26,11 @@ end
 if (#ARGV - 2) % 2 ~= 0 then
   return redis.error_reply('ERR till create_key: odd number of field values')
 end
+local created = tonumber(ARGV[2])
+if created == nil or created ~= created then
+  return redis.error_reply('ERR till create_key: ARGV[2] is not a number')
+end
 
 redis.call('HSET', KEYS[2], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[3], tonumber(ARGV[2]), ARGV[1])
+redis.call('ZADD', KEYS[3], created, ARGV[1])
 return {'ok', redis.call('HINCRBY', KEYS[1], 'live_keys', 1)}

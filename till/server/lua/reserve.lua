@@ -21,9 +21,13 @@
 -- or      {"refused", code, limit, used, remaining}
 -- Idempotent by request id: a replay returns the first answer and writes nothing more.
 
+-- 2^53 - 1: beyond it a Lua number is no exact integer, and Redis would receive "1e+20" or
+-- "inf" (both pass tonumber) from a write command, failing after the first write.
+local MAX = 9007199254740991
+
 local function num(i)
   local v = tonumber(ARGV[i])
-  if v == nil or v ~= math.floor(v) then
+  if v == nil or v ~= math.floor(v) or v < -MAX or v > MAX then
     return redis.error_reply('ERR till reserve: ARGV[' .. i .. '] is not an integer')
   end
   return v
@@ -38,8 +42,9 @@ end
 local now, deadline, month_ttl = args[2], args[3], args[4]
 local input_tokens, asked, default_out = args[5], args[6], args[7]
 local input_mc, out_nc, min_out = args[8], args[9], args[10]
-if input_tokens < 0 or default_out < 1 or min_out < 0 or month_ttl < 1 then
-  return redis.error_reply('ERR till reserve: negative or zero amount')
+if now < 0 or deadline < 0 or month_ttl < 1 or input_tokens < 0 or asked < -1
+    or default_out < 1 or input_mc < -1 or out_nc < -1 or min_out < 0 then
+  return redis.error_reply('ERR till reserve: amount out of range')
 end
 
 local prior = redis.call('HMGET', KEYS[4], 'grant', 'rem_act', 'rem_tok', 'rem_mc')
@@ -128,6 +133,8 @@ if max_mc then rem_mc = math.max(0, max_mc - used_mc - held_mc) end
 
 redis.call('HSET', KEYS[4], 'state', 'held', 'hold_tok', hold_tok, 'hold_mc', hold_mc,
   'grant', grant, 'rem_act', rem_act, 'rem_tok', rem_tok, 'rem_mc', rem_mc)
-redis.call('PEXPIREAT', KEYS[4], deadline + 86400000)
+-- Kept a day past the deadline (or now, if that is later: a record born expired would leave
+-- its hold to no one, as the reaper drops holds whose record is gone).
+redis.call('PEXPIREAT', KEYS[4], math.max(deadline, now) + 86400000)
 redis.call('ZADD', KEYS[5], deadline, ARGV[1])
 return {'ok', grant, rem_act, rem_tok, rem_mc}

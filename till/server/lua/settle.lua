@@ -13,9 +13,13 @@
 -- Returns {"ok", remaining_activations, remaining_tokens, remaining_microcents} (-1 unlimited)
 -- or      {"skipped"} when the request id is unknown or already settled.
 
+-- 2^53 - 1: beyond it a Lua number is no exact integer, and Redis would receive "1e+20" or
+-- "inf" (both pass tonumber) from a write command, failing after the first write.
+local MAX = 9007199254740991
+
 local function num(i)
   local v = tonumber(ARGV[i])
-  if v == nil or v ~= math.floor(v) then
+  if v == nil or v ~= math.floor(v) or v < -MAX or v > MAX then
     return redis.error_reply('ERR till settle: ARGV[' .. i .. '] is not an integer')
   end
   return v

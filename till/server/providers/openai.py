@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import msgspec
@@ -28,6 +29,9 @@ ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
     ("POST", "/v1/embeddings"): Endpoint("embeddings"),
     ("GET", "/v1/models"): Endpoint("models", metered=False),
 }
+
+_RETRIEVE_MODEL: Final = Endpoint("models", metered=False)
+_MODEL_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 # The legacy completions endpoint writes 16 tokens when max_tokens is absent.
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
@@ -137,7 +141,12 @@ class OpenAI:
         return path.startswith("/v1/")
 
     def match(self, method: str, path: str) -> Endpoint | None:
-        return ENDPOINTS.get((method, path))
+        endpoint = ENDPOINTS.get((method, path))
+        if endpoint is None and method == "GET" and path.startswith("/v1/models/"):
+            model = path[len("/v1/models/") :]
+            if _MODEL_ID.fullmatch(model) and model.strip(".") and ".." not in model:
+                return _RETRIEVE_MODEL
+        return endpoint
 
     def auth_headers(self, upstream_key: str) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {upstream_key}")]
