@@ -1,7 +1,9 @@
-"""The `till` command: run the server, manage tenants and secrets.
+"""The `till` command: run the server, manage tenants and secrets, and keys through the SDK.
 
 Server-side commands import the server lazily, so the SDK alone (`pip install till-ac`) still
-gives a working `till --help`.
+gives a working `till --help`. `till keys` and `till account` talk to a running Till over HTTP
+(`--url` / TILL_URL, `--admin-key` / TILL_ADMIN_KEY) and exit 0 on success, 1 on an error from
+Till, 2 on a usage error, 3 when Till cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from till.client import TillClient
+    from till.models import AccountSummary, ScopedKey
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_CONNECTION = 3
 
 
 def _fail(message: str) -> int:
@@ -34,26 +41,30 @@ def _server_settings(**overrides: Any) -> Any:
     return from_env(**overrides)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 # --- till serve ---
+
+
+def _self_command() -> str:
+    """How the user can run this command again: `till` if on PATH, else its path."""
+    import shutil
+
+    here = os.path.realpath(sys.argv[0])
+    found = shutil.which("till")
+    if found is not None and os.path.realpath(found) == here:
+        return "till"
+    return os.path.relpath(here) if not os.path.relpath(here).startswith("..") else here
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from hypercorn.config import Config
     from hypercorn.run import run
 
+    from till.server import logs
     from till.server.embedded import EmbeddedRedis
     from till.server.keyfile import load_keyring
 
     settings = _server_settings(host=args.host, port=args.port, workers=args.workers)
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level)
     # Workers are separate processes that read their settings from the environment.
     os.environ.update(
         TILL_HOST=settings.host, TILL_PORT=str(settings.port), TILL_WORKERS=str(settings.workers)
@@ -87,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"Till listening on http://{host}:{settings.port} "
         f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, {store})\n"
-        f"  make a tenant:  till tenant create NAME    (prints its admin key)\n"
+        f"  make a tenant:  {_self_command()} tenant create NAME    (prints its admin key)\n"
         f"  OpenAI base URL for scoped keys: http://{host}:{settings.port}/v1",
         flush=True,
     )
@@ -201,6 +212,289 @@ def cmd_secrets_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- till keys / till account (through the SDK) ---
+
+
+def _api(args: argparse.Namespace, work: Callable[[TillClient], None]) -> int:
+    from till.client import APIConnectionError, TillClient, TillError
+
+    try:
+        with TillClient(args.admin_key, args.url) as client:
+            work(client)
+    except APIConnectionError as exc:
+        print(f"till: [{exc.code}] {exc}", file=sys.stderr)
+        return EXIT_CONNECTION
+    except TillError as exc:
+        print(f"till: [{exc.code}] {exc}", file=sys.stderr)
+        # No HTTP exchange and no connection failure: the flags or environment are incomplete.
+        return EXIT_USAGE if exc.status_code == 0 else EXIT_ERROR
+    return EXIT_OK
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _as_json(obj: Any) -> str:
+    import dataclasses
+    import json
+
+    def wire(value: Any) -> Any:
+        # The admin API's own names (camelCase), as `till tenant list --json` prints them.
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {_camel(f.name): wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, list):
+            return [wire(v) for v in value]
+        return value
+
+    return json.dumps(wire(obj), indent=2)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int) or value.is_integer():
+        return str(int(value))
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def _budget(used: float, limit: float | None, left: float | None) -> str:
+    if limit is None:
+        return f"{_num(used)} (no limit)"
+    return f"{_num(used)} / {_num(limit)} ({_num(left)} left)"
+
+
+def _print_key(key: ScopedKey) -> None:
+    import json
+
+    rows = [
+        ("id", key.id),
+        ("name", key.name or "-"),
+        ("provider", key.provider),
+        ("status", key.status),
+        ("activations", _budget(key.used_activations, key.max_activations,
+                                key.remaining_activations)),
+        ("tokens", _budget(key.used_tokens, key.max_tokens, key.remaining_tokens)),
+        ("spend (cents)", _budget(key.used_spend_cents, key.max_spend_cents,
+                                  key.remaining_spend_cents)),
+        ("ip whitelist", ", ".join(key.ip_whitelist) or "any"),
+        ("metadata", json.dumps(key.metadata) if key.metadata else "-"),
+        ("created", key.created_at or "-"),
+        ("last used", key.last_used_at or "never"),
+    ]  # fmt: skip
+    for label, value in rows:
+        print(f"{label + ':':<14} {value}")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows, strict=False)]
+    for row in (headers, *rows):
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _upstream_key(args: argparse.Namespace) -> str | None:
+    if args.upstream_key_env is not None:
+        value = os.environ.get(args.upstream_key_env, "")
+        source = f"environment variable {args.upstream_key_env}"
+    elif args.upstream_key_stdin:
+        if sys.stdin.isatty():
+            import getpass
+
+            value = getpass.getpass("Upstream key (not echoed): ")
+        else:
+            value = sys.stdin.readline()
+        source = "stdin"
+    else:
+        value, source = args.upstream_key, "--upstream-key"
+    value = value.strip()
+    if not value:
+        print(f"till: no upstream key in {source}", file=sys.stderr)
+        return None
+    return value
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    upstream_key = _upstream_key(args)
+    if upstream_key is None:
+        return EXIT_USAGE
+
+    def work(client: TillClient) -> None:
+        key = client.create_key(
+            args.provider,
+            upstream_key,
+            args.max_activations,
+            name=args.name,
+            ip_whitelist=args.ip or None,
+            metadata=dict(args.metadata) if args.metadata else None,
+            max_tokens=args.max_tokens,
+            max_spend_cents=args.max_spend_cents,
+        )
+        print("Scoped key (shown once, save it now; Till cannot show it again):", file=sys.stderr)
+        if args.json:
+            print(_as_json(key))
+            return
+        _print_key(key)
+        print(key.scoped_key)
+
+    return _api(args, work)
+
+
+KEY_COLUMNS = ("ID", "NAME", "PROVIDER", "STATUS", "ACTIVATIONS", "TOKENS", "CENTS", "LAST USED")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    def work(client: TillClient) -> None:
+        keys = client.list_keys()
+        if args.json:
+            print(_as_json(keys))
+            return
+        rows = [
+            (k.id, (k.name or "-")[:32], k.provider, k.status,
+             f"{k.used_activations}/{k.max_activations}",
+             f"{k.used_tokens}/{_num(k.max_tokens)}",
+             f"{_num(k.used_spend_cents)}/{_num(k.max_spend_cents)}",
+             k.last_used_at or "never")
+            for k in keys
+        ]  # fmt: skip
+        _table(KEY_COLUMNS, rows)
+
+    return _api(args, work)
+
+
+def cmd_keys_get(args: argparse.Namespace) -> int:
+    def work(client: TillClient) -> None:
+        key = client.get_key(args.key_id)
+        if args.json:
+            print(_as_json(key))
+        else:
+            _print_key(key)
+
+    return _api(args, work)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    def work(client: TillClient) -> None:
+        key = client.revoke_key(args.key_id)
+        if args.json:
+            print(_as_json(key))
+        else:
+            _print_key(key)
+
+    return _api(args, work)
+
+
+def _print_account(account: AccountSummary) -> None:
+    t = account.tenant
+    rows = [("scope", account.scope or "-")]
+    if t is not None:
+        rows += [
+            ("tenant", f"{t.name or t.id} (id {t.id}, {t.email or 'no email'})"),
+            ("plan", f"{t.plan} ({t.status})"),
+            ("keys", f"{account.keys_used} / {t.max_keys} live"),
+            ("activations", f"{t.activations_this_month} / {t.max_activations_per_month} "
+                            "this month"),
+        ]  # fmt: skip
+    else:
+        rows += [
+            ("keys", f"{account.keys_used} live"),
+            ("activations", f"{account.activations_used_this_month} this month"),
+        ]
+    for label, value in rows:
+        print(f"{label + ':':<12} {value}")
+
+
+def cmd_account(args: argparse.Namespace) -> int:
+    def work(client: TillClient) -> None:
+        account = client.account()
+        if args.json:
+            print(_as_json(account))
+        else:
+            _print_account(account)
+
+    return _api(args, work)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def _metadata_item(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return name, value
+
+
+def _add_keys_parsers(sub: Any) -> None:
+    api = argparse.ArgumentParser(add_help=False)
+    api.add_argument("--url", help="Till's base URL (default: TILL_URL, else https://api.till.ac)")
+    api.add_argument(
+        "--admin-key",
+        help="the tenant's admin key (default: TILL_ADMIN_KEY, which keeps it out of history)",
+    )
+    api.add_argument("--json", action="store_true", help="machine-readable output")
+
+    keys = sub.add_parser("keys", help="create, list, inspect and revoke scoped keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = ksub.add_parser(
+        "create",
+        parents=[api],
+        help="create a scoped key; the key is the last line of stdout (shown once)",
+        description="Create a scoped key. Its token is printed once, alone on the last line "
+        "of stdout (inside the JSON with --json); a reminder to save it goes to stderr.",
+    )
+    create.add_argument(
+        "--provider", required=True, choices=["openai", "anthropic", "google"],
+        help="the provider of the upstream key",
+    )  # fmt: skip
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--upstream-key", metavar="KEY", help="the provider's key (visible in ps)")
+    source.add_argument(
+        "--upstream-key-env", metavar="VAR", help="read the provider's key from this variable"
+    )
+    source.add_argument(
+        "--upstream-key-stdin", action="store_true", help="read the provider's key from stdin"
+    )
+    create.add_argument(
+        "--max-activations", type=_positive_int, required=True, metavar="N",
+        help="requests the key may make",
+    )  # fmt: skip
+    create.add_argument("--name", help="a name, stored as metadata name")
+    create.add_argument(
+        "--max-tokens", type=_positive_int, metavar="N", help="input + output tokens"
+    )
+    create.add_argument("--max-spend-cents", type=_positive_int, metavar="N", help="cost ceiling")
+    create.add_argument(
+        "--ip", action="extend", nargs="+", metavar="CIDR", help="allowed client IPs or CIDRs"
+    )
+    create.add_argument(
+        "--metadata", action="extend", nargs="+", type=_metadata_item, metavar="KEY=VALUE",
+        help="metadata entries (string values)",
+    )  # fmt: skip
+    create.set_defaults(func=cmd_keys_create)
+
+    klist = ksub.add_parser("list", parents=[api], help="list the account's keys")
+    klist.set_defaults(func=cmd_keys_list)
+    get = ksub.add_parser("get", parents=[api], help="show one key")
+    get.add_argument("key_id", metavar="ID")
+    get.set_defaults(func=cmd_keys_get)
+    revoke = ksub.add_parser("revoke", parents=[api], help="revoke a key at once")
+    revoke.add_argument("key_id", metavar="ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
+
+    account = sub.add_parser(
+        "account", parents=[api], help="the account: plan, live keys, activations this month"
+    )
+    account.set_defaults(func=cmd_account)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="till",
@@ -235,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = ssub.add_parser("generate", help="print a new keyring entry for TILL_SECRET_KEYS")
     gen.add_argument("--kid", default="k1", help="key id for the entry (default k1)")
     gen.set_defaults(func=cmd_secrets_generate)
+
+    _add_keys_parsers(sub)
     return parser
 
 

@@ -1,0 +1,217 @@
+"""The SDK's data: what the admin API returns, as frozen dataclasses with snake_case names.
+
+Decoding is lenient on purpose: unknown fields are ignored and missing (or null, or mistyped)
+fields take a default, so a newer server never breaks an older client. Fields the server added
+after the published 0.1 contract (held and remaining amounts) are derived from the others when an
+older server leaves them out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["AccountSummary", "ScopedKey", "ScopedKeyCreate", "Tenant"]
+
+
+def _str(data: Mapping[str, Any], name: str, default: str = "") -> str:
+    value = data.get(name)
+    return value if isinstance(value, str) else default
+
+
+def _opt_str(data: Mapping[str, Any], name: str) -> str | None:
+    value = data.get(name)
+    return value if isinstance(value, str) else None
+
+
+def _opt_int(data: Mapping[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value)
+
+
+def _int(data: Mapping[str, Any], name: str, default: int = 0) -> int:
+    value = _opt_int(data, name)
+    return default if value is None else value
+
+
+def _opt_num(data: Mapping[str, Any], name: str) -> float | None:
+    # Cents travel as an integer when whole and as a decimal otherwise; keep what was sent.
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value
+
+
+def _num(data: Mapping[str, Any], name: str, default: float = 0) -> float:
+    value = _opt_num(data, name)
+    return default if value is None else value
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class ScopedKey:
+    """A scoped key and its limits. ``scoped_key`` (the token) is set only by ``create_key``."""
+
+    id: str
+    tenant_id: str
+    provider: str
+    max_activations: int
+    used_activations: int
+    status: str
+    ip_whitelist: list[str] = field(default_factory=list)
+    created_at: str = ""
+    last_used_at: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int | None = None
+    used_tokens: int = 0
+    max_spend_cents: float | None = None
+    used_spend_cents: float = 0
+    # The token is a secret: shown once, never in a repr or a log line.
+    scoped_key: str | None = field(default=None, repr=False)
+    # Amounts held by requests in flight, and what is left once they settle at worst case.
+    held_tokens: int = 0
+    held_spend_cents: float = 0
+    used_spend_microcents: int = 0
+    remaining_activations: int = 0
+    remaining_tokens: int | None = None
+    remaining_spend_cents: float | None = None
+
+    @property
+    def name(self) -> str | None:
+        """``metadata["name"]``, where ``create_key(name=...)`` puts it."""
+        value = self.metadata.get("name")
+        return value if isinstance(value, str) else None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ScopedKey:
+        data = _mapping(data)
+        max_activations = _int(data, "maxActivations")
+        used_activations = _int(data, "usedActivations")
+        max_tokens = _opt_int(data, "maxTokens")
+        used_tokens = _int(data, "usedTokens")
+        held_tokens = _int(data, "heldTokens")
+        max_spend = _opt_num(data, "maxSpendCents")
+        used_spend = _num(data, "usedSpendCents")
+        held_spend = _num(data, "heldSpendCents")
+        remaining_tokens = _opt_int(data, "remainingTokens")
+        if remaining_tokens is None and max_tokens is not None:
+            remaining_tokens = max(0, max_tokens - used_tokens - held_tokens)
+        remaining_spend = _opt_num(data, "remainingSpendCents")
+        if remaining_spend is None and max_spend is not None:
+            remaining_spend = max(0, max_spend - used_spend - held_spend)
+        ips = data.get("ipWhitelist")
+        return cls(
+            id=_str(data, "id"),
+            tenant_id=_str(data, "tenantId"),
+            provider=_str(data, "provider"),
+            max_activations=max_activations,
+            used_activations=used_activations,
+            status=_str(data, "status"),
+            ip_whitelist=[ip for ip in ips if isinstance(ip, str)] if isinstance(ips, list) else [],
+            created_at=_str(data, "createdAt"),
+            last_used_at=_opt_str(data, "lastUsedAt"),
+            metadata=dict(_mapping(data.get("metadata"))),
+            max_tokens=max_tokens,
+            used_tokens=used_tokens,
+            max_spend_cents=max_spend,
+            used_spend_cents=used_spend,
+            scoped_key=_opt_str(data, "scopedKey"),
+            held_tokens=held_tokens,
+            held_spend_cents=held_spend,
+            used_spend_microcents=_int(data, "usedSpendMicrocents", round(used_spend * 1_000_000)),
+            remaining_activations=_int(
+                data, "remainingActivations", max(0, max_activations - used_activations)
+            ),
+            remaining_tokens=remaining_tokens,
+            remaining_spend_cents=remaining_spend,
+        )
+
+
+@dataclass(frozen=True)
+class ScopedKeyCreate:
+    """The body of ``POST /admin/keys``; ``name`` travels as ``metadata["name"]``."""
+
+    provider: str
+    upstream_key: str = field(repr=False)
+    max_activations: int
+    name: str | None = None
+    ip_whitelist: list[str] | None = None
+    metadata: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_spend_cents: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "provider": self.provider,
+            "upstream_key": self.upstream_key,
+            "max_activations": self.max_activations,
+        }
+        metadata = dict(self.metadata or {})
+        if self.name is not None:
+            metadata["name"] = self.name
+        if metadata:
+            body["metadata"] = metadata
+        if self.ip_whitelist:
+            body["ip_whitelist"] = list(self.ip_whitelist)
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        if self.max_spend_cents is not None:
+            body["max_spend_cents"] = self.max_spend_cents
+        return body
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The account's tenant and its plan limits."""
+
+    id: str
+    email: str
+    plan: str
+    max_keys: int
+    max_activations_per_month: int
+    activations_this_month: int
+    status: str
+    name: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tenant:
+        data = _mapping(data)
+        return cls(
+            id=_str(data, "id"),
+            email=_str(data, "email"),
+            plan=_str(data, "plan"),
+            max_keys=_int(data, "maxKeys"),
+            max_activations_per_month=_int(data, "maxActivationsPerMonth"),
+            activations_this_month=_int(data, "activationsThisMonth"),
+            status=_str(data, "status"),
+            name=_str(data, "name"),
+        )
+
+
+@dataclass(frozen=True)
+class AccountSummary:
+    """``GET /admin/account``: live keys, this month's activations, and the tenant."""
+
+    scope: str
+    tenant: Tenant | None = None
+    keys_used: int = 0
+    tenants: int = 0
+    activations_used_this_month: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AccountSummary:
+        data = _mapping(data)
+        tenant = data.get("tenant")
+        return cls(
+            scope=_str(data, "scope"),
+            tenant=Tenant.from_dict(tenant) if isinstance(tenant, Mapping) else None,
+            keys_used=_int(data, "keysUsed"),
+            tenants=_int(data, "tenants"),
+            activations_used_this_month=_int(data, "activationsUsedThisMonth"),
+        )
