@@ -5,6 +5,7 @@ Snake case in, camel case out, and every error ``{"error": {"code", "message"}}`
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -28,6 +29,7 @@ from till.server.ledger import (
 from till.tokens import KEY_ID_LENGTH, Keyring, TokenClaims, new_key_id, seal
 
 MAX_ADMIN_BODY: Final = 64 * 1024
+MAX_ADMIN_DRAIN: Final = 1024 * 1024
 MAX_METADATA_BYTES: Final = 8 * 1024
 _KEY_ID = re.compile(rf"[a-z2-7]{{{KEY_ID_LENGTH}}}")
 # Provider keys are printable ASCII with no spaces; anything else is a paste accident.
@@ -115,7 +117,9 @@ def key_json(k: KeyRecord, scoped_key: str | None = None) -> dict[str, Any]:
         "heldTokens": k.held_tokens,
         "heldSpendCents": cents(k.held_microcents),
         "usedSpendMicrocents": k.used_microcents,
-        "remainingActivations": max(0, k.max_activations - k.used_activations),
+        "remainingActivations": 0
+        if k.status == "revoked"
+        else max(0, k.max_activations - k.used_activations),
         "remainingTokens": remaining_tokens,
         "remainingSpendCents": cents(remaining_mc),
     }
@@ -139,8 +143,9 @@ def parse_create(body: bytes) -> CreateKey:
     try:
         req = _create_decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise AdminError("validation_error", _safe(str(exc), body)) from None
-    except (msgspec.DecodeError, RecursionError):
+        raise AdminError("validation_error", _validation_message(str(exc))) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in a string.
         raise AdminError("invalid_json", "The request body is not valid JSON.") from None
     if not _UPSTREAM_KEY.fullmatch(req.upstream_key):
         raise AdminError("validation_error", "upstream_key must be printable ASCII without spaces.")
@@ -150,23 +155,37 @@ def parse_create(body: bytes) -> CreateKey:
         )
     if req.metadata is not None and len(_encode(req.metadata)) > MAX_METADATA_BYTES:
         raise AdminError("validation_error", f"metadata is limited to {MAX_METADATA_BYTES} bytes.")
-    for entry in req.ip_whitelist or ():
+    for i, entry in enumerate(req.ip_whitelist or ()):
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
+            # The entry is not quoted back: a pasted key in the wrong field is still a key.
             raise AdminError(
-                "validation_error", f"ip_whitelist: {entry[:64]!r} is not an IP address or CIDR."
+                "validation_error", f"ip_whitelist[{i}] is not an IP address or CIDR."
             ) from None
     return req
 
 
-def _safe(message: str, body: bytes) -> str:
-    # Validation messages can quote input; never let them quote a secret.
-    return (
-        message
-        if b"upstream_key" not in body or "upstream_key" not in message
-        else ("upstream_key must be a string of 1 to 512 characters.")
-    )
+_ENUM_ERROR = re.compile(r"Invalid enum value .* - at `(?P<path>[^`]*)`", re.DOTALL)
+_UNKNOWN_FIELD = re.compile(r"Object contains unknown field `(?P<name>.*)`(?P<rest>.*)", re.DOTALL)
+_FIELD_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _validation_message(message: str) -> str:
+    """msgspec's message, minus any input it quotes back: never let an error quote a secret.
+
+    A swapped provider and upstream_key (the SDK takes them positionally) would otherwise put
+    the provider key in an enum error, and a key pasted as a field name in an unknown-field one.
+    """
+    if "`$.upstream_key`" in message:
+        return "upstream_key must be a string of 1 to 512 characters - at `$.upstream_key`"
+    if m := _ENUM_ERROR.fullmatch(message):
+        if m["path"] == "$.provider":
+            return "provider must be 'openai', 'anthropic' or 'google' - at `$.provider`"
+        return f"Invalid enum value - at `{m['path']}`"
+    if (m := _UNKNOWN_FIELD.fullmatch(message)) and not _FIELD_NAME.fullmatch(m["name"]):
+        return f"Object contains an unknown field{m['rest']}"
+    return message
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -192,13 +211,16 @@ class Admin:
         async def endpoint(request: Request) -> Response:
             try:
                 tenant_id = await self._authenticate(request)
-                return await handler(request, tenant_id)
+                response = await handler(request, tenant_id)
             except AdminError as exc:
-                return error_response(exc.code, exc.message, **exc.extra)
+                response = error_response(exc.code, exc.message, **exc.extra)
             except StoreUnavailable:
-                return error_response(
+                response = error_response(
                     "store_unavailable", "Till's store is unavailable; retry shortly."
                 )
+            # A 401 comes before the body is read, and an oversized body is left half-read.
+            await _drain(request)
+            return response
 
         endpoint.__name__ = handler.__name__
         return endpoint
@@ -296,7 +318,8 @@ class Admin:
     def _key_id(self, request: Request) -> str:
         key_id = str(request.path_params["key_id"])
         if not _KEY_ID.fullmatch(key_id):
-            raise AdminError("not_found", f"No key {key_id[:40]!r} in this account.")
+            # Not quoted back: a scoped token passed by mistake would be echoed.
+            raise AdminError("not_found", "No key with this id in this account.")
         return key_id
 
     async def _find(self, request: Request, tenant_id: str) -> KeyRecord:
@@ -309,18 +332,37 @@ class Admin:
 
 
 async def _read_capped(request: Request) -> bytes:
+    """The body, or payload_too_large past MAX_ADMIN_BODY."""
+    too_large = AdminError(
+        "payload_too_large", f"Admin requests are limited to {MAX_ADMIN_BODY} bytes."
+    )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_ADMIN_BODY:
-        raise AdminError(
-            "payload_too_large", f"Admin requests are limited to {MAX_ADMIN_BODY} bytes."
-        )
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_ADMIN_BODY:
-            raise AdminError(
-                "payload_too_large", f"Admin requests are limited to {MAX_ADMIN_BODY} bytes."
-            )
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _drain(request: Request) -> None:
+    """Read and drop what is left of the request body, up to MAX_ADMIN_DRAIN.
+
+    Answering while the client still sends its body makes the server close the connection with
+    bytes unread: the client sees a reset instead of the answer, or its pooled keep-alive
+    connection dies under its next request. Past MAX_ADMIN_DRAIN, closing is the lesser evil.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_ADMIN_DRAIN:
+        return
+    size = 0
+    # RuntimeError: the body was read to the end already.
+    with contextlib.suppress(ClientDisconnect, RuntimeError):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_ADMIN_DRAIN:
+                break

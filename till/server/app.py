@@ -142,17 +142,22 @@ def create_app(settings: Settings) -> Starlette:
 
     async def admin_fallback(request: Request) -> Response:
         # Without this, an unknown admin path or method would fall through to the proxy.
-        if request.url.path.rstrip("/") in {r.path for r in admin_routes if "{" not in r.path} or (
-            request.url.path.startswith("/admin/keys/")
-        ):
-            return error_response("method_not_allowed", f"{request.method} is not allowed here.")
-        return error_response("not_found", f"No admin route {request.url.path}.")
+        path = request.url.path
+        allowed = sorted(
+            {m for r in admin_routes if r.path_regex.fullmatch(path) for m in r.methods or ()}
+        )
+        if not allowed:
+            return error_response("not_found", f"No admin route {path}.")
+        response = error_response("method_not_allowed", f"{request.method} is not allowed here.")
+        response.headers["allow"] = ", ".join(allowed)
+        return response
 
     admin_routes = admin.routes()
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *admin_routes,
+        Route("/admin", admin_fallback, methods=ALL_METHODS),
         Route("/admin/{rest:path}", admin_fallback, methods=ALL_METHODS),
         # Everything else is the provider's API, behind the scoped token.
         Route("/{path:path}", proxy),

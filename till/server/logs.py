@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+# Anything shaped like a key, prefix included: a client may put a token where it does not
+# belong (a path, a header echoed in an error) and no log line may carry it on.
+SECRET = re.compile(r"\b(?:till_sk_|till_admin_|sk-|AIza)[A-Za-z0-9._~%+/=-]*")
+
+
+class RedactSecrets(logging.Filter):
+    """Masks keys in every record the handler writes, whichever logger it came from."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = SECRET.sub("<redacted>", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def configure(level: str) -> None:
@@ -14,5 +29,6 @@ def configure(level: str) -> None:
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT))
+        handler.addFilter(RedactSecrets())
         root.addHandler(handler)
     root.setLevel(level.upper())
