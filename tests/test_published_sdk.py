@@ -8,6 +8,7 @@ it at the server under test and swaps the placeholder keys, and fails if a swap 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import ROOT, UPSTREAM_KEY, Mock, Till
@@ -428,3 +430,46 @@ def test_error_handling_free_plan_key_limit(compat_python: str, till: Till, tmp_
     assert line.startswith("Error 403: [max_keys_reached] "), line
     printed, _ = free.run(CLIENT, ACCOUNT)
     assert printed == ["Plan: free", "Keys: 10/10", "Activations this month: 0"]
+
+
+def test_published_sdk_and_ours_read_keys_and_account_identically(
+    sdk: Snippets, mock_upstream: Mock
+) -> None:
+    """Both SDKs against one server: every field the published models have reads the same."""
+    from till import TillClient as OurClient
+
+    with OurClient(admin_key=sdk.admin_key, base_url=sdk.till.url) as ours:
+        limited = ours.create_key(
+            "openai", UPSTREAM_KEY, 7, name="both", max_tokens=5000, max_spend_cents=300,
+            ip_whitelist=["127.0.0.1"], metadata={"team": "x"},
+        )  # fmt: skip
+        plain = ours.create_key("anthropic", ANTHROPIC_KEY, 3)
+        client = openai.OpenAI(
+            api_key=limited.scoped_key, base_url=f"{sdk.till.url}/v1", max_retries=0
+        )
+        with client:
+            client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "Hi"}]
+            )
+        _, published = sdk.run(
+            CLIENT,
+            "A, B = _os.environ['A'], _os.environ['B']\n",
+            "keys = {k.id: k for k in client.list_keys()}\n",
+            "account = client.account()\n",
+            epilogue="_result(a=keys[A], b=keys[B], account=account)\n",
+            A=limited.id,
+            B=plain.id,
+        )
+        for key_id, name in ((limited.id, "a"), (plain.id, "b")):
+            mine = dataclasses.asdict(ours.get_key(key_id))
+            theirs = published[name]
+            assert {field: mine[field] for field in theirs} == theirs
+        account = dataclasses.asdict(ours.account())
+        theirs_account = published["account"]
+        assert {f: account[f] for f in theirs_account if f != "tenant"} == {
+            f: v for f, v in theirs_account.items() if f != "tenant"
+        }
+        assert {f: account["tenant"][f] for f in theirs_account["tenant"]} == theirs_account[
+            "tenant"
+        ]
+    assert published["a"]["used_activations"] == 1 and published["a"]["used_tokens"] > 0
