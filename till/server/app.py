@@ -21,8 +21,8 @@ from till.server.embedded import EmbeddedRedis
 from till.server.keyfile import load_keyring
 from till.server.ledger import Ledger, StoreUnavailable, connect
 from till.server.pricing import default_pricer
-from till.server.providers.base import Provider
-from till.server.providers.openai import OpenAI
+from till.server.providers.base import Format, Provider
+from till.server.providers.openai import OPENAI_FORMAT, OpenAIProvider
 from till.server.proxy import Proxy
 from till.server.settings import Settings
 
@@ -101,13 +101,20 @@ class Runtime:
 
 
 def providers() -> dict[str, Provider]:
-    return {"openai": OpenAI()}
+    return {"openai": OpenAIProvider()}
+
+
+def formats() -> list[Format]:
+    """Error dialects by path, most specific first: OpenAI's /v1/ is the fallback."""
+    return [OPENAI_FORMAT]
 
 
 def create_app(settings: Settings) -> Starlette:
     keyring = load_keyring(settings)
     runtime = Runtime(settings)
-    proxy = Proxy(settings, keyring, runtime.ledger, runtime.http, providers(), default_pricer)
+    proxy = Proxy(
+        settings, keyring, runtime.ledger, runtime.http, providers(), formats(), default_pricer
+    )
     admin = Admin(runtime.ledger, keyring)
 
     @contextlib.asynccontextmanager

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import parse_qsl
@@ -33,9 +33,10 @@ from till.server.pricing import Pricer, Usage
 from till.server.providers.base import (
     BadRequest,
     Body,
-    Endpoint,
+    Format,
     Provider,
     RequestInfo,
+    Route,
     StreamMeter,
     decode_body,
     encode,
@@ -68,6 +69,8 @@ DROP_RESPONSE_HEADERS: Final = frozenset(
      "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc"}
 )  # fmt: skip
 TOKEN_CACHE_SIZE: Final = 10_000
+# Endpoints whose answer has no output tokens: nothing to cap, nothing to reserve for it.
+NO_OUTPUT_KINDS: Final = frozenset({"embeddings", "embed", "count_tokens"})
 RETRY_AFTER_SECONDS: Final = "2"
 
 
@@ -105,7 +108,7 @@ class Exchange:
 
     claims: TokenClaims
     provider: Provider
-    endpoint: Endpoint
+    route: Route
     info: RequestInfo
     request_id: str
     month: str
@@ -127,6 +130,7 @@ class Proxy:
         ledger: Callable[[], Ledger],
         http: Callable[[], aiohttp.ClientSession],
         providers: dict[str, Provider],
+        formats: Sequence[Format],
         pricer: Pricer,
     ) -> None:
         self.settings = settings
@@ -134,6 +138,7 @@ class Proxy:
         self._ledger = ledger
         self._http = http
         self.providers = providers
+        self.formats = tuple(formats)
         self.pricer = pricer
         self._tokens: dict[str, OpenKey] = {}
         self._trusted = tuple(
@@ -163,11 +168,11 @@ class Proxy:
             # The client went away; whatever it had reserved is settled already.
             return
 
-    def _dialect(self, path: str) -> Provider:
-        for provider in self.providers.values():
-            if provider.speaks(path):
-                return provider
-        return self.providers["openai"]
+    def _dialect(self, path: str) -> Format:
+        for fmt in self.formats:
+            if fmt.speaks(path):
+                return fmt
+        return self.formats[-1]
 
     # --- steps 1 and 2: the token, and what it says by itself ---
 
@@ -227,8 +232,9 @@ class Proxy:
             raise ProxyError("invalid_api_key", "Incorrect API key provided.") from None
         method, path = scope["method"], scope["path"]
         provider = self.providers.get(key.claims.provider)
-        endpoint = None if provider is None else provider.match(method, path)
-        if provider is None or endpoint is None:
+        query = scope.get("query_string", b"")
+        route = None if provider is None else provider.route(method, path, query)
+        if provider is None or route is None:
             # The path is not echoed: it is the client's input and may hold anything.
             raise ProxyError("not_found", f"Till does not forward {method} requests to this path.")
         self._check_claims(scope, headers, key)
@@ -237,18 +243,18 @@ class Proxy:
         raw = await self._read_body(receive, headers) if method == "POST" else b""
         body: Body = {}
         info = RequestInfo(asked_output=0)
-        if endpoint.metered:
+        if route.metered:
             try:
                 body = decode_body(raw)
             except BadRequest as exc:
                 raise ProxyError("invalid_json", str(exc)) from None
-            info = provider.inspect(endpoint, body)
+            info = route.format.inspect(route, body)
         ex = Exchange(
-            key.claims, provider, endpoint, info, os.urandom(12).hex(), month_of(time.time())
+            key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
-        admission = await self._reserve(ex, estimate_input_tokens(raw) if endpoint.metered else 0)
+        admission = await self._reserve(ex, estimate_input_tokens(raw) if route.metered else 0)
         try:
-            if endpoint.metered and provider.rewrite(endpoint, body, info, admission.grant):
+            if route.metered and route.format.rewrite(route, body, info, admission.grant):
                 raw = encode(body)
             await self._exchange(scope, receive, send, headers, ex, raw, admission)
         finally:
@@ -285,7 +291,7 @@ class Proxy:
     async def _reserve(self, ex: Exchange, input_tokens: int) -> Admission:
         info = ex.info
         rates = self.pricer.rates(ex.provider.name, info.model) if info.model else None
-        produces_output = ex.endpoint.metered and ex.endpoint.kind != "embeddings"
+        produces_output = ex.route.metered and ex.route.kind not in NO_OUTPUT_KINDS
         try:
             return await self._ledger().reserve(
                 tenant_id=ex.claims.tenant_id,
@@ -327,11 +333,11 @@ class Proxy:
             for k, v in headers.items()
             if k not in DROP_REQUEST_HEADERS
         ]
-        forward += provider.auth_headers(ex.claims.upstream_key)
+        forward += provider.auth_headers(ex.claims.upstream_key, ex.route)
         try:
             upstream = await self._http().request(
                 scope["method"],
-                self.settings.upstream(provider.name) + scope["path"],
+                self.settings.upstream(provider.name) + ex.route.upstream_path,
                 params=_upstream_query(scope.get("query_string", b"")) or None,
                 data=raw if scope["method"] == "POST" else None,
                 headers=forward,
@@ -352,7 +358,7 @@ class Proxy:
                 raise ProxyError("upstream_unavailable", "The provider answered with a redirect.")
             out_headers = _response_headers(upstream, ex.request_id)
             ctype = upstream.headers.get("content-type", "")
-            if status < 400 and ctype.startswith("text/event-stream"):
+            if status < 400 and (ctype.startswith("text/event-stream") or ex.route.stream):
                 await self._stream(receive, send, upstream, out_headers, ex, status)
                 return
             try:
@@ -362,11 +368,11 @@ class Proxy:
                 raise ProxyError(
                     "upstream_unavailable", "The provider's answer broke off."
                 ) from None
-            if status >= 400 or not ex.endpoint.metered:
+            if status >= 400 or not ex.route.metered:
                 # An upstream error bills nothing: the activation counts, the hold is released.
                 ex.charge_zero = True
             else:
-                ex.usage, ex.model = provider.usage(ex.endpoint, data)
+                ex.usage, ex.model = ex.route.format.usage(ex.route, data)
             settlement = await self._settle(ex)
             out_headers += _remaining_headers(settlement or admission)
             out_headers.append((b"content-length", str(len(data)).encode()))
@@ -384,7 +390,7 @@ class Proxy:
         ex: Exchange,
         status: int,
     ) -> None:
-        meter = ex.meter = ex.provider.meter(ex.endpoint, ex.info)
+        meter = ex.meter = ex.route.format.meter(ex.route, ex.info)
         out_headers.append((b"x-accel-buffering", b"no"))
         await send({"type": "http.response.start", "status": status, "headers": out_headers})
         relay = asyncio.ensure_future(relay_events(upstream, send, meter))
@@ -401,7 +407,7 @@ class Proxy:
             cut = relay.exception()
             if isinstance(cut, UpstreamCut):
                 log.warning("upstream stream broke off (%s)", cut)
-                error = ex.provider.error_body(
+                error = ex.route.format.error_body(
                     502, "upstream_unavailable", "The provider's stream broke off.", {}
                 )
                 await send(

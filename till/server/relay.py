@@ -57,6 +57,12 @@ async def relay_events(upstream: aiohttp.ClientResponse, send: Send, meter: Stre
     """Pass every event the meter keeps to the client; raise UpstreamCut if upstream breaks."""
     splitter = EventSplitter()
     try:
+        if not meter.sse:
+            # Not cut into events (Gemini's JSON-array stream): bytes pass as they come.
+            async for chunk in upstream.content.iter_any():
+                meter.observe(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            return
         async for chunk in upstream.content.iter_any():
             aligned = not splitter.pending
             events = splitter.feed(chunk)

@@ -73,14 +73,6 @@ def field_obj(body: Body, name: str) -> dict[str, Any]:
         return {}
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One forwardable path. ``kind`` tells the provider module how to read it."""
-
-    kind: str
-    metered: bool = True  # has a JSON body with a model, answers with usage
-
-
 @dataclass(slots=True)
 class RequestInfo:
     """What the proxy learns from a request body before forwarding it."""
@@ -96,38 +88,71 @@ class RequestInfo:
 
 
 class StreamMeter(Protocol):
-    """Reads usage from SSE events on the side of the relay."""
+    """Reads usage from a streamed response on the side of the relay.
+
+    SSE meters (``sse`` true) see each complete event and may withhold one; others see the raw
+    chunks as they pass (``observe``), for streams that are not cut into events.
+    """
 
     usage: Usage | None
     model: str
+    sse: bool
 
     def keep(self, event: bytes) -> bool:
-        """Whether to pass this complete event to the client (False: withhold it)."""
+        """Whether to pass this complete SSE event to the client (False: withhold it)."""
+
+    def observe(self, chunk: bytes) -> None:
+        """See a raw chunk of a stream that is not SSE."""
 
 
-class Provider(Protocol):
+class Format(Protocol):
+    """A wire format (OpenAI, Anthropic Messages, Gemini): how to read and adjust its traffic."""
+
     name: str
 
     def speaks(self, path: str) -> bool:
-        """Whether a client calling this path expects this provider's error shape."""
+        """Whether a client calling this path expects this format's error shape."""
 
-    def match(self, method: str, path: str) -> Endpoint | None: ...
+    def inspect(self, route: Route, body: Body) -> RequestInfo: ...
 
-    def auth_headers(self, upstream_key: str) -> list[tuple[str, str]]: ...
-
-    def inspect(self, endpoint: Endpoint, body: Body) -> RequestInfo: ...
-
-    def rewrite(self, endpoint: Endpoint, body: Body, info: RequestInfo, grant: int) -> bool:
+    def rewrite(self, route: Route, body: Body, info: RequestInfo, grant: int) -> bool:
         """Lower the output cap to ``grant`` (-1: none) and ask for stream usage, in place.
         Returns whether the body changed."""
 
-    def usage(self, endpoint: Endpoint, data: bytes) -> tuple[Usage | None, str]:
+    def usage(self, route: Route, data: bytes) -> tuple[Usage | None, str]:
         """Usage and model from a complete (non-streamed) response body."""
 
-    def meter(self, endpoint: Endpoint, info: RequestInfo) -> StreamMeter: ...
+    def meter(self, route: Route, info: RequestInfo) -> StreamMeter: ...
 
     def error_body(self, status: int, code: str, message: str, extra: dict[str, Any]) -> bytes:
-        """An error in this provider's own shape, so its SDK reacts as it would to the real one."""
+        """An error in this format's own shape, so its SDK reacts as it would to the real one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one allowed request goes, and how to read it.
+
+    ``kind`` names the endpoint within its format (chat, responses, messages, generate, ...);
+    ``upstream_path`` is the provider's path, which can differ from the client's (an Anthropic
+    key used with the OpenAI SDK reaches Anthropic's OpenAI-compatible endpoint).
+    """
+
+    format: Format
+    kind: str
+    upstream_path: str
+    metered: bool = True  # has a JSON body with a model, answers with usage
+    model: str = ""  # when the path names it (Gemini)
+    stream: bool = False  # when the path says so (Gemini's streamGenerateContent)
+
+
+class Provider(Protocol):
+    """An upstream: its fixed host (from settings), its auth, and the paths it serves."""
+
+    name: str
+
+    def route(self, method: str, path: str, query: bytes) -> Route | None: ...
+
+    def auth_headers(self, upstream_key: str, route: Route) -> list[tuple[str, str]]: ...
 
 
 def sse_data(event: bytes) -> bytes:

@@ -1,4 +1,8 @@
-"""OpenAI: /v1 chat completions, responses, completions, embeddings and models."""
+"""OpenAI's wire format, and OpenAI as a provider.
+
+The format is also what the OpenAI SDK speaks to the other providers' OpenAI-compatible
+endpoints, so Anthropic and Google keys reuse it for ``/v1/chat/completions``.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,8 @@ import msgspec
 from till.server.pricing import Usage
 from till.server.providers.base import (
     Body,
-    Endpoint,
     RequestInfo,
+    Route,
     encode,
     field_bool,
     field_int,
@@ -22,15 +26,13 @@ from till.server.providers.base import (
 
 # Inference paths only. Files, fine-tuning, batches, assistants, organization and admin
 # endpoints of the upstream key are never reachable through a scoped token.
-ENDPOINTS: Final[dict[tuple[str, str], Endpoint]] = {
-    ("POST", "/v1/chat/completions"): Endpoint("chat"),
-    ("POST", "/v1/responses"): Endpoint("responses"),
-    ("POST", "/v1/completions"): Endpoint("completions"),
-    ("POST", "/v1/embeddings"): Endpoint("embeddings"),
-    ("GET", "/v1/models"): Endpoint("models", metered=False),
+KINDS: Final[dict[tuple[str, str], str]] = {
+    ("POST", "/v1/chat/completions"): "chat",
+    ("POST", "/v1/responses"): "responses",
+    ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/embeddings"): "embeddings",
+    ("GET", "/v1/models"): "models",
 }
-
-_RETRIEVE_MODEL: Final = Endpoint("models", metered=False)
 _MODEL_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 # The legacy completions endpoint writes 16 tokens when max_tokens is absent.
@@ -95,6 +97,8 @@ def _responses_usage(u: _ResponsesUsage) -> Usage:
 class ChatMeter:
     """Chat and legacy completions streams: usage rides on a last chunk with no choices."""
 
+    sse = True
+
     def __init__(self, wants_usage: bool) -> None:
         self.usage: Usage | None = None
         self.model = ""
@@ -114,9 +118,14 @@ class ChatMeter:
         # We added include_usage ourselves: the client never asked for this chunk.
         return self._wants_usage or bool(view.choices)
 
+    def observe(self, chunk: bytes) -> None:  # pragma: no cover - SSE only
+        raise NotImplementedError
+
 
 class ResponsesMeter:
     """Responses streams: the terminal event (completed, incomplete, failed) carries usage."""
+
+    sse = True
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
@@ -133,72 +142,72 @@ class ResponsesMeter:
                 self.model = view.response.model or self.model
         return True
 
+    def observe(self, chunk: bytes) -> None:  # pragma: no cover - SSE only
+        raise NotImplementedError
 
-class OpenAI:
+
+class OpenAIFormat:
     name = "openai"
 
     def speaks(self, path: str) -> bool:
         return path.startswith("/v1/")
 
-    def match(self, method: str, path: str) -> Endpoint | None:
-        endpoint = ENDPOINTS.get((method, path))
-        if endpoint is None and method == "GET" and path.startswith("/v1/models/"):
+    def kind(self, method: str, path: str) -> str | None:
+        kind = KINDS.get((method, path))
+        if kind is None and method == "GET" and path.startswith("/v1/models/"):
             model = path[len("/v1/models/") :]
             if _MODEL_ID.fullmatch(model) and model.strip(".") and ".." not in model:
-                return _RETRIEVE_MODEL
-        return endpoint
+                return "models"
+        return kind
 
-    def auth_headers(self, upstream_key: str) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {upstream_key}")]
-
-    def inspect(self, endpoint: Endpoint, body: Body) -> RequestInfo:
+    def inspect(self, route: Route, body: Body) -> RequestInfo:
         info = RequestInfo(model=field_str(body, "model"), stream=field_bool(body, "stream"))
-        if endpoint.kind == "chat":
+        if route.kind == "chat":
             info.generations = max(1, field_int(body, "n") or 1)
             per = _min_set(field_int(body, "max_completion_tokens"), field_int(body, "max_tokens"))
-        elif endpoint.kind == "completions":
+        elif route.kind == "completions":
             info.generations = max(1, field_int(body, "n") or 1, field_int(body, "best_of") or 1)
             per = field_int(body, "max_tokens")
             if per is None:
                 per = COMPLETIONS_DEFAULT_MAX_TOKENS
-        elif endpoint.kind == "responses":
+        elif route.kind == "responses":
             per = field_int(body, "max_output_tokens")
         else:  # embeddings produce no output tokens
             per = 0
         info.asked_output = -1 if per is None else per * info.generations
-        if info.stream and endpoint.kind in ("chat", "completions"):
+        if info.stream and route.kind in ("chat", "completions"):
             options = field_obj(body, "stream_options")
             info.wants_stream_usage = options.get("include_usage") is True
         return info
 
-    def rewrite(self, endpoint: Endpoint, body: Body, info: RequestInfo, grant: int) -> bool:
+    def rewrite(self, route: Route, body: Body, info: RequestInfo, grant: int) -> bool:
         changed = False
         if info.stream and not info.wants_stream_usage:
             options = field_obj(body, "stream_options")
             options["include_usage"] = True
             body["stream_options"] = msgspec.Raw(encode(options))
             changed = True
-        if grant < 0 or endpoint.kind == "embeddings":
+        if grant < 0 or route.kind == "embeddings":
             return changed
         per = grant // info.generations
         if info.asked_output >= 0 and per * info.generations >= info.asked_output:
             return changed
         cap = msgspec.Raw(str(per).encode())
-        if endpoint.kind == "chat":
+        if route.kind == "chat":
             # Reasoning models accept only max_completion_tokens; keep the client's choice when
             # it made one, and lower both when it sent both.
             named = [f for f in ("max_completion_tokens", "max_tokens") if f in body]
             for f in named or ["max_completion_tokens"]:
                 body[f] = cap
-        elif endpoint.kind == "completions":
+        elif route.kind == "completions":
             body["max_tokens"] = cap
-        elif endpoint.kind == "responses":
+        elif route.kind == "responses":
             body["max_output_tokens"] = cap
         return True
 
-    def usage(self, endpoint: Endpoint, data: bytes) -> tuple[Usage | None, str]:
+    def usage(self, route: Route, data: bytes) -> tuple[Usage | None, str]:
         try:
-            if endpoint.kind == "responses":
+            if route.kind == "responses":
                 rv = _responses_view.decode(data)
                 return (_responses_usage(rv.usage) if rv.usage else None), rv.model
             cv = _chat_view.decode(data)
@@ -206,8 +215,8 @@ class OpenAI:
         except (msgspec.DecodeError, msgspec.ValidationError):
             return None, ""
 
-    def meter(self, endpoint: Endpoint, info: RequestInfo) -> ChatMeter | ResponsesMeter:
-        if endpoint.kind == "responses":
+    def meter(self, route: Route, info: RequestInfo) -> ChatMeter | ResponsesMeter:
+        if route.kind == "responses":
             return ResponsesMeter()
         return ChatMeter(info.wants_stream_usage)
 
@@ -228,3 +237,19 @@ class OpenAI:
 def _min_set(*values: int | None) -> int | None:
     present = [v for v in values if v is not None]
     return min(present) if present else None
+
+
+OPENAI_FORMAT: Final = OpenAIFormat()
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def route(self, method: str, path: str, query: bytes) -> Route | None:
+        kind = OPENAI_FORMAT.kind(method, path)
+        if kind is None:
+            return None
+        return Route(OPENAI_FORMAT, kind, path, metered=kind != "models")
+
+    def auth_headers(self, upstream_key: str, route: Route) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {upstream_key}")]
