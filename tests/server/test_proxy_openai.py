@@ -362,3 +362,27 @@ def test_body_cap_answers_413_before_reading(till: Till, admin: httpx.Client) ->
     assert reply.startswith(b"HTTP/1.1 413")
     assert b"payload_too_large" in reply
     assert get_key(admin, key["id"])["usedActivations"] == 0
+
+
+def test_stored_conversation_input_is_reserved_for(
+    till: Till, admin: httpx.Client, mock_upstream: Mock
+) -> None:
+    """A Responses call that continues a stored conversation has input the body cannot show:
+    a limited key holds TILL_HIDDEN_INPUT_TOKENS (128,000 by default) for it."""
+    small = create_key(admin, max_tokens=50_000)
+    large = create_key(admin, max_tokens=1_000_000)
+    mock_upstream.reset()
+    with client(till, small["scopedKey"], max_retries=0) as oa:
+        with pytest.raises(openai.APIStatusError) as caught:
+            oa.responses.create(model="gpt-4o", input="go on", previous_response_id="resp_1")
+        assert caught.value.status_code == 402
+        assert caught.value.code == "token_limit_reached"
+        assert mock_upstream.requests() == []
+        oa.responses.create(model="gpt-4o", input="a fresh start")  # no stored input: fits
+    with client(till, large["scopedKey"], max_retries=0) as oa:
+        raw = oa.responses.with_raw_response.create(
+            model="gpt-4o", input="go on", previous_response_id="resp_1", max_output_tokens=100
+        )
+    # The hold covered the hidden input; settlement charged what the provider reported.
+    assert int(raw.headers["x-till-remaining-tokens"]) > 1_000_000 - 129_000
+    assert get_key(admin, large["id"])["heldTokens"] == 0

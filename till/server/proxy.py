@@ -252,7 +252,10 @@ class Proxy:
         ex = Exchange(
             key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
-        admission = await self._reserve(ex, estimate_input_tokens(raw) if route.metered else 0)
+        input_tokens = estimate_input_tokens(raw) if route.metered else 0
+        if info.hidden_input:
+            input_tokens += self.settings.hidden_input_tokens
+        admission = await self._reserve(ex, input_tokens)
         try:
             if route.metered and route.format.rewrite(route, body, info, admission.grant):
                 raw = encode(body)

@@ -41,6 +41,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     hold_seconds: int = 3600
     # Output tokens reserved when a limited key's request sets no output cap of its own.
     default_max_output_tokens: int = 4096
+    # Input reserved on top of the body for a request that continues a conversation stored at
+    # the provider (Responses' previous_response_id): the body cannot show how long it is.
+    hidden_input_tokens: int = 128_000
     # Redis: fail closed (503) rather than wait longer than this.
     redis_timeout: float = 2.0
     redis_max_connections: int = 512
@@ -73,6 +76,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
     "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
+    "TILL_HIDDEN_INPUT_TOKENS": ("hidden_input_tokens", int),
     "TILL_REDIS_TIMEOUT": ("redis_timeout", float),
     "TILL_REDIS_MAX_CONNECTIONS": ("redis_max_connections", int),
     "TILL_TRUSTED_PROXIES": ("trusted_proxies", tuple),
@@ -122,6 +126,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_MAX_BODY_BYTES must be at least 1024")
     if s.hold_seconds < 60:
         raise SettingsError("TILL_HOLD_SECONDS must be at least 60")
+    if s.hidden_input_tokens < 0:
+        raise SettingsError("TILL_HIDDEN_INPUT_TOKENS must not be negative")
     if s.default_max_output_tokens < 1:
         raise SettingsError("TILL_DEFAULT_MAX_OUTPUT_TOKENS must be at least 1")
     for name in ("redis_timeout", "upstream_connect_timeout", "upstream_read_timeout"):

@@ -85,6 +85,9 @@ class RequestInfo:
     generations: int = 1
     # The client asked for usage in the stream itself (else it is added and withheld).
     wants_stream_usage: bool = True
+    # The provider adds input the body does not show (a stored conversation): the body alone
+    # cannot bound the input, so the proxy reserves TILL_HIDDEN_INPUT_TOKENS more.
+    hidden_input: bool = False
 
 
 class StreamMeter(Protocol):

@@ -172,6 +172,7 @@ class OpenAIFormat:
                 per = COMPLETIONS_DEFAULT_MAX_TOKENS
         elif route.kind == "responses":
             per = field_int(body, "max_output_tokens")
+            info.hidden_input = "previous_response_id" in body or "conversation" in body
         else:  # embeddings produce no output tokens
             per = 0
         info.asked_output = -1 if per is None else per * info.generations
