@@ -21,7 +21,9 @@ from till.server.embedded import EmbeddedRedis
 from till.server.keyfile import load_keyring
 from till.server.ledger import Ledger, StoreUnavailable, connect
 from till.server.pricing import default_pricer
+from till.server.providers.anthropic import ANTHROPIC_FORMAT, AnthropicProvider
 from till.server.providers.base import Format, Provider
+from till.server.providers.google import GEMINI_FORMAT, GoogleProvider
 from till.server.providers.openai import OPENAI_FORMAT, OpenAIProvider
 from till.server.proxy import Proxy
 from till.server.settings import Settings
@@ -101,12 +103,16 @@ class Runtime:
 
 
 def providers() -> dict[str, Provider]:
-    return {"openai": OpenAIProvider()}
+    return {
+        "openai": OpenAIProvider(),
+        "anthropic": AnthropicProvider(),
+        "google": GoogleProvider(),
+    }
 
 
 def formats() -> list[Format]:
     """Error dialects by path, most specific first: OpenAI's /v1/ is the fallback."""
-    return [OPENAI_FORMAT]
+    return [ANTHROPIC_FORMAT, GEMINI_FORMAT, OPENAI_FORMAT]
 
 
 def create_app(settings: Settings) -> Starlette:

@@ -29,7 +29,7 @@ from till.server.ledger import (
     StoreUnavailable,
     month_of,
 )
-from till.server.pricing import Pricer, Usage
+from till.server.pricing import Pricer, Rates, Usage
 from till.server.providers.base import (
     BadRequest,
     Body,
@@ -60,13 +60,17 @@ DROP_REQUEST_HEADERS: Final = frozenset(
      b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
      b"proxy-authorization", b"proxy-connection", b"expect", b"accept-encoding",
      b"forwarded", b"x-forwarded-for", b"x-forwarded-host", b"x-forwarded-proto", b"x-real-ip",
-     b"openai-organization", b"openai-project", b"x-goog-user-project"}
+     b"openai-organization", b"openai-project", b"x-goog-user-project",
+     # Google system parameters: a response field mask (could drop usageMetadata), a method
+     # override, another API version than the path names.
+     b"x-goog-fieldmask", b"x-http-method-override", b"x-goog-api-version"}
 )  # fmt: skip
 # Response headers never passed back: hop-by-hop, recomputed, or naming the key's owner.
 DROP_RESPONSE_HEADERS: Final = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
      "proxy-authenticate", "content-length", "content-encoding", "set-cookie",
-     "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc"}
+     "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc",
+     "date", "server"}
 )  # fmt: skip
 TOKEN_CACHE_SIZE: Final = 10_000
 # Endpoints whose answer has no output tokens: nothing to cap, nothing to reserve for it.
@@ -118,6 +122,8 @@ class Exchange:
     charge_zero: bool = False
     refund: bool = False
     meter: StreamMeter | None = None
+    # What the body alone is estimated to hold (tokens), for answers that report no usage.
+    input_estimate: int = 0
     settled: bool = False
     settlement: Settlement | None = None
 
@@ -252,7 +258,7 @@ class Proxy:
         ex = Exchange(
             key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
-        input_tokens = estimate_input_tokens(raw) if route.metered else 0
+        input_tokens = ex.input_estimate = estimate_input_tokens(raw) if route.metered else 0
         if info.hidden_input:
             input_tokens += self.settings.hidden_input_tokens
         admission = await self._reserve(ex, input_tokens)
@@ -293,7 +299,11 @@ class Proxy:
 
     async def _reserve(self, ex: Exchange, input_tokens: int) -> Admission:
         info = ex.info
-        rates = self.pricer.rates(ex.provider.name, info.model) if info.model else None
+        rates: Rates | None = None
+        if not ex.route.metered:
+            rates = Rates(0, 0)  # no body and no usage (countTokens, model lists): nothing priced
+        elif info.model:
+            rates = self.pricer.rates(ex.provider.name, info.model)
         produces_output = ex.route.metered and ex.route.kind not in NO_OUTPUT_KINDS
         try:
             return await self._ledger().reserve(
@@ -362,6 +372,7 @@ class Proxy:
             out_headers = _response_headers(upstream, ex.request_id)
             ctype = upstream.headers.get("content-type", "")
             if status < 400 and (ctype.startswith("text/event-stream") or ex.route.stream):
+                out_headers += _remaining_headers(admission)
                 await self._stream(receive, send, upstream, out_headers, ex, status)
                 return
             try:
@@ -376,6 +387,10 @@ class Proxy:
                 ex.charge_zero = True
             else:
                 ex.usage, ex.model = ex.route.format.usage(ex.route, data)
+                if ex.usage is None and ex.route.kind in NO_OUTPUT_KINDS:
+                    # No usage in the answer (Gemini's embeddings): charge the input estimate,
+                    # which a key without limits never held.
+                    ex.usage = Usage(input_tokens=ex.input_estimate)
             settlement = await self._settle(ex)
             out_headers += _remaining_headers(settlement or admission)
             out_headers.append((b"content-length", str(len(data)).encode()))
@@ -414,8 +429,8 @@ class Proxy:
                     502, "upstream_unavailable", "The provider's stream broke off.", {}
                 )
                 await send(
-                    {"type": "http.response.body", "body": b"data: " + error + b"\n\n",
-                     "more_body": True}
+                    {"type": "http.response.body",
+                     "body": ex.route.format.stream_error(ex.route, error), "more_body": True}
                 )  # fmt: skip
             elif cut is not None:
                 raise cut

@@ -130,6 +130,10 @@ class Format(Protocol):
     def error_body(self, status: int, code: str, message: str, extra: dict[str, Any]) -> bytes:
         """An error in this format's own shape, so its SDK reacts as it would to the real one."""
 
+    def stream_error(self, route: Route, body: bytes) -> bytes:
+        """What ends a stream that broke, carrying ``error_body``'s bytes, framed so that this
+        format's SDK raises instead of taking a short answer for a whole one."""
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -221,6 +221,10 @@ class OpenAIFormat:
             return ResponsesMeter()
         return ChatMeter(info.wants_stream_usage)
 
+    def stream_error(self, route: Route, body: bytes) -> bytes:
+        # The openai SDK raises on a data event that carries an "error" object.
+        return b"data: " + body + b"\n\n"
+
     def error_body(self, status: int, code: str, message: str, extra: dict[str, Any]) -> bytes:
         kind = {
             401: "invalid_request_error",
