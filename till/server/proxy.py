@@ -124,6 +124,8 @@ class Exchange:
     meter: StreamMeter | None = None
     # What the body alone is estimated to hold (tokens), for answers that report no usage.
     input_estimate: int = 0
+    # The key has a token or spend limit, so the reservation holds the worst case.
+    limited: bool = False
     settled: bool = False
     settlement: Settlement | None = None
 
@@ -262,6 +264,7 @@ class Proxy:
         if info.hidden_input:
             input_tokens += self.settings.hidden_input_tokens
         admission = await self._reserve(ex, input_tokens)
+        ex.limited = admission.grant >= 0
         try:
             if route.metered and route.format.rewrite(route, body, info, admission.grant):
                 raw = encode(body)
@@ -420,7 +423,7 @@ class Proxy:
                 relay.cancel()
                 await asyncio.gather(relay, return_exceptions=True)
                 upstream.close()
-                ex.usage, ex.model = meter.usage, meter.model
+                self._take_usage(ex, meter, complete=False)
                 return
             cut = relay.exception()
             if isinstance(cut, UpstreamCut):
@@ -437,10 +440,18 @@ class Proxy:
         finally:
             watch.cancel()
             relay.cancel()
-        ex.usage, ex.model = meter.usage, meter.model
+        self._take_usage(ex, meter, complete=not isinstance(cut, UpstreamCut))
         # Settle before the stream's end reaches the client: a read after it sees the usage.
         await self._settle(ex)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    def _take_usage(ex: Exchange, meter: StreamMeter, *, complete: bool) -> None:
+        """A stream that ended early may have cost the provider more than the usage seen so
+        far: a limited key is charged its hold, the upper bound, instead (usage left None). A
+        key without limits holds nothing, so it is charged what was seen."""
+        if complete or not ex.limited:
+            ex.usage, ex.model = meter.usage, meter.model
 
     # --- step 6: settle ---
 
