@@ -88,6 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.graceful_timeout = 30.0
     config.keep_alive_timeout = 75.0  # above common load balancers' idle timeouts
     config.include_server_header = False
+    # Agent fleets open connections in bursts; hypercorn's default backlog of 100 drops them.
+    config.backlog = 2048
     try:
         import uvloop  # noqa: F401
 
