@@ -1,4 +1,5 @@
-"""The budget layer against real stores: a Debian redis-server and the embedded one.
+"""The budget layer against real stores: a Debian redis-server, the embedded one, and a
+three-primary Redis Cluster (tests/cluster.py).
 
 Every test makes its own tenant (unique id), so the shared Redis needs no flush. No mocks:
 the Lua scripts run in a real Redis, and each promise is checked by reading the store back.
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import redis.exceptions as rexc
 
+from tests.cluster import Cluster, redis_cluster_fixture  # noqa: F401
 from tests.conftest import (
     SECRET_PATTERN,
     UPSTREAM_KEY,
@@ -65,10 +67,13 @@ def embedded_url() -> Iterator[str]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.fixture(scope="module", params=["redis", "embedded"])
+@pytest.fixture(scope="module", params=["redis", "embedded", "cluster"])
 def store_url(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         url: str = request.getfixturevalue("redis_server").url
+    elif request.param == "cluster":
+        cluster: Cluster = request.getfixturevalue("redis_cluster")
+        url = cluster.url
     else:
         url = request.getfixturevalue("embedded_url")
     return url
@@ -76,8 +81,11 @@ def store_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def dedicated(store_url: str, embedded_url: str) -> bool:
-    """Whether only this module uses the store (a Till server's reaper shares the other)."""
-    return store_url == embedded_url
+    """Whether no Till server's reaper shares the store (a session-long one uses the Redis).
+
+    Till servers on the cluster live only as long as their own test.
+    """
+    return store_url == embedded_url or store_url.startswith("redis+cluster://")
 
 
 @pytest.fixture

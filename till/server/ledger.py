@@ -7,8 +7,10 @@ micro-cents (1 cent = 1,000,000). Redis errors stop here and leave as ``StoreUna
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +19,7 @@ from importlib import resources
 from typing import Any, Final, TypeVar
 
 import msgspec
+import redis
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
@@ -138,6 +141,12 @@ def connect(url: str, *, timeout: float, max_connections: int) -> Store:
         return RedisCluster.from_url(
             url.replace("+cluster://", "://", 1),
             max_connections=max_connections,
+            # By default every 5th MOVED reply makes the client close all its connections and
+            # re-read the topology, failing the commands other tasks have in flight on them.
+            # Until the topology is known (start, or after a node failed) commands go to a
+            # random node, so a burst brings a storm of MOVED. A MOVED reply names the slot's
+            # owner: following it is enough, and a connection error re-reads the topology.
+            reinitialize_steps=0,
             **common,
         )
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -164,6 +173,62 @@ def _str(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# Errors that say "not now" rather than "wrong": the request fails closed with a 503. The
+# client strips the code from a reply's text ("CLUSTERDOWN The cluster is down" arrives as
+# ClusterDownError("The cluster is down")), so they are told apart by class first.
+_TRANSIENT: Final = (
+    rexc.ConnectionError,  # refused, reset, no free connection (BusyLoadingError: LOADING)
+    rexc.TimeoutError,
+    rexc.ClusterError,  # CLUSTERDOWN, MASTERDOWN, and redirects past the client's TTL
+    rexc.TryAgainError,  # a slot being migrated
+    rexc.AskError,  # MOVED and ASK that escaped the client's own handling
+    rexc.ReadOnlyError,  # a failed-over primary now a replica
+    rexc.OutOfMemoryError,
+    rexc.RedisClusterException,  # no reachable node, slots not covered
+)
+_TRANSIENT_CODES: Final = (
+    "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "LOADING", "MOVED", "ASK",
+)  # fmt: skip
+
+
+_CLIENT_DIR: Final = os.path.dirname(redis.__file__) + os.sep
+
+
+def _client_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside redis-py (or below it), not by our own code.
+
+    A cluster client that drops a failed node's idle connections can close one another task
+    has just taken: that task's write then fails with AttributeError (the writer is gone) or,
+    under uvloop, RuntimeError (the transport is closed). They mean "the node is gone".
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_CLIENT_DIR):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _Script:
+    """A Lua script run by its SHA1, sent whole (EVAL) to the node that answers NOSCRIPT.
+
+    redis-py's own Script reloads with SCRIPT LOAD, which a cluster client sends to every
+    primary: with one primary down, tenants on the healthy ones would fail too. EVAL goes to
+    the slot of the script's keys only, and caches the script there for the next EVALSHA.
+    """
+
+    def __init__(self, store: Store, source: str) -> None:
+        self._r: Any = store
+        self.script = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[str | int | bytes]) -> Any:
+        try:
+            return await self._r.evalsha(self.sha, len(keys), *keys, *args)
+        except rexc.NoScriptError:
+            return await self._r.eval(self.script, len(keys), *keys, *args)
+
+
 _meta_decoder = msgspec.json.Decoder(dict[str, Any])
 _ips_decoder = msgspec.json.Decoder(list[str])
 _encode = msgspec.json.encode
@@ -175,10 +240,21 @@ class Ledger:
         # redis-py's command annotations cover sync and async clients at once; calls go
         # through an Any-typed alias rather than a cast at every call site.
         self._r: Any = store
-        self._reserve = store.register_script(_script("reserve"))
-        self._settle = store.register_script(_script("settle"))
-        self._create_key = store.register_script(_script("create_key"))
-        self._revoke_key = store.register_script(_script("revoke_key"))
+        self._reserve = _Script(store, _script("reserve"))
+        self._settle = _Script(store, _script("settle"))
+        self._create_key = _Script(store, _script("create_key"))
+        self._revoke_key = _Script(store, _script("revoke_key"))
+        # A cluster client's per-node pool refuses at once (MaxConnectionsError) when it is
+        # full, where a single server's blocking pool waits up to the timeout for a free
+        # connection: calls queue here instead, so a burst is served rather than refused. An
+        # eighth of each pool stays free for commands sent to the store directly (the app's
+        # reaper lock, operators' tools).
+        self._gate: asyncio.Semaphore | None = None
+        self._gate_timeout: float | None = None
+        if isinstance(store, RedisCluster):
+            pool = int(store.connection_kwargs["max_connections"])
+            self._gate = asyncio.Semaphore(max(1, pool - pool // 8))
+            self._gate_timeout = store.connection_kwargs.get("socket_timeout")
 
     async def close(self) -> None:
         if isinstance(self.store, aioredis.Redis):
@@ -187,22 +263,44 @@ class Ledger:
             await self.store.aclose(close_connection_pool=True)
         else:
             await self.store.aclose()
+            # aclose() does nothing while the client waits to re-read the topology (after any
+            # connection error): close every node's sockets regardless.
+            await self.store.nodes_manager.aclose()
+            await self.store.nodes_manager.aclose("startup_nodes")
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        gate = self._gate
         try:
-            return await fn()
-        except (rexc.ConnectionError, rexc.TimeoutError, rexc.BusyLoadingError) as exc:
+            if gate is None:
+                return await fn()
+            if gate.locked():
+                try:
+                    async with asyncio.timeout(self._gate_timeout):
+                        await gate.acquire()
+                except TimeoutError:
+                    raise StoreUnavailable("no free connection") from None
+            else:
+                await gate.acquire()
+            try:
+                # A command that starts while the client holds no topology (before the first
+                # call, after CLUSTERDOWN made it drop everything) goes to a random node; to a
+                # dead one, it fails though its own node is up. Read the topology first (a
+                # no-op while it is known).
+                await self.store.initialize()
+                return await fn()
+            finally:
+                gate.release()
+        except _TRANSIENT as exc:
             raise StoreUnavailable(type(exc).__name__) from exc
         except rexc.ResponseError as exc:
-            # Cluster reconfiguring, replica read-only, out of memory: all transient for us.
             msg = str(exc)
-            if msg.startswith(
-                ("CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "LOADING")
-            ):
+            if msg.startswith(_TRANSIENT_CODES):
                 raise StoreUnavailable(msg.split(" ", 1)[0]) from exc
             raise
-        except rexc.RedisClusterException as exc:
-            raise StoreUnavailable(type(exc).__name__) from exc
+        except (AttributeError, RuntimeError) as exc:
+            if _client_fault(exc):
+                raise StoreUnavailable(type(exc).__name__) from exc
+            raise
 
     async def ping(self) -> None:
         await self._call(self._r.ping)
@@ -441,31 +539,55 @@ class Ledger:
         return Settlement(int(reply[1]), _unlimited(reply[2]), _unlimited(reply[3]))
 
     async def reap(self, *, limit: int = 500) -> int:
-        """Charge the holds whose deadline passed (their worker died). Returns how many."""
+        """Charge the holds whose deadline passed (their worker died). Returns how many.
+
+        On a cluster, a tenant whose node does not answer is left for the next round, and so
+        are the others on that node; the tenants on the healthy nodes are reaped meanwhile.
+        """
         reaped = 0
         now = now_ms()
+        down: set[str] = set()
         for tenant_id in await self.tenant_ids():
             holds = tkey(tenant_id, "holds")
-            members: list[bytes] = await self._call(
-                partial(self._r.zrangebyscore, holds, "-inf", now, start=0, num=limit)
-            )
-            for member in members:
-                key_id, _, request_id = member.decode().partition(":")
-                # The reservation's month is unknown here; no refund is given, so it is unused.
-                done = await self.settle(
-                    tenant_id=tenant_id,
-                    key_id=key_id,
-                    request_id=request_id,
-                    month=month_of(now / 1000),
-                    tokens=None,
-                    microcents=None,
+            node = self._node_of(holds)
+            if node is not None and node in down:
+                continue
+            try:
+                members: list[bytes] = await self._call(
+                    partial(self._r.zrangebyscore, holds, "-inf", now, start=0, num=limit)
                 )
-                if done is None:
-                    # Settled meanwhile, or its record expired: drop the stale entry.
-                    await self._call(partial(self._r.zrem, holds, member))
-                else:
-                    reaped += 1
+                for member in members:
+                    key_id, _, request_id = member.decode().partition(":")
+                    # The reservation's month is unknown here; no refund is given, so it is
+                    # unused.
+                    done = await self.settle(
+                        tenant_id=tenant_id,
+                        key_id=key_id,
+                        request_id=request_id,
+                        month=month_of(now / 1000),
+                        tokens=None,
+                        microcents=None,
+                    )
+                    if done is None:
+                        # Settled meanwhile, or its record expired: drop the stale entry.
+                        await self._call(partial(self._r.zrem, holds, member))
+                    else:
+                        reaped += 1
+            except StoreUnavailable:
+                if node is None:
+                    raise  # one server: nothing else would answer either
+                down.add(node)
         return reaped
+
+    def _node_of(self, key: str) -> str | None:
+        """The name of the cluster node that holds ``key`` (None: not a cluster)."""
+        if not isinstance(self.store, RedisCluster):
+            return None
+        try:
+            node = self.store.get_node_from_key(key)
+        except rexc.RedisClusterException:  # the slot map is being re-read
+            node = None
+        return f"slot:{self.store.keyslot(key)}" if node is None else str(node.name)
 
 
 def _unlimited(value: int | bytes) -> int | None:
