@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -235,6 +236,24 @@ def till(request: pytest.FixtureRequest, mock_upstream: Mock, log_dir: Path) -> 
     server.stop()
     assert_no_secrets(server.log)
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def create_key(
+    admin: httpx.Client, provider: str = "openai", upstream_key: str = UPSTREAM_KEY, **fields: Any
+) -> dict[str, Any]:
+    """A new scoped key through the admin API (201 asserted); its JSON, scopedKey included."""
+    body = {"provider": provider, "upstream_key": upstream_key, "max_activations": 100, **fields}
+    resp = admin.post("/admin/keys", json=body)
+    assert resp.status_code == 201, resp.text
+    key: dict[str, Any] = resp.json()["key"]
+    return key
+
+
+def get_key(admin: httpx.Client, key_id: str) -> dict[str, Any]:
+    resp = admin.get(f"/admin/keys/{key_id}")
+    assert resp.status_code == 200, resp.text
+    key: dict[str, Any] = resp.json()["key"]
+    return key
 
 
 @pytest.fixture

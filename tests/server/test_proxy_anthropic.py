@@ -3,6 +3,7 @@ key), against the mock upstream."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import anthropic
@@ -11,7 +12,8 @@ import openai
 import pytest
 from anthropic._constants import ANTHROPIC_API_VERSION
 
-from tests.conftest import Mock, Till
+from tests.conftest import Mock, Till, get_key
+from tests.conftest import create_key as new_key
 from till.server.pricing import Pricer, Usage
 
 # The mock answers the shared /v1/chat/completions as Anthropic for keys with this prefix.
@@ -19,26 +21,7 @@ ANTHROPIC_KEY = "sk-ant-test-upstream-0123456789abcdef"
 MODEL = "claude-sonnet-4-6"  # priced by genai-prices (cache read and write rates); not deprecated
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello there, tell me something nice"}]
 CACHE_HEADERS = {"x-mock-cache-creation-tokens": "3", "x-mock-cache-read-tokens": "2"}
-
-
-def create_key(admin: httpx.Client, **fields: Any) -> dict[str, Any]:
-    body = {
-        "provider": "anthropic",
-        "upstream_key": ANTHROPIC_KEY,
-        "max_activations": 100,
-        **fields,
-    }
-    resp = admin.post("/admin/keys", json=body)
-    assert resp.status_code == 201, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
-
-
-def get_key(admin: httpx.Client, key_id: str) -> dict[str, Any]:
-    resp = admin.get(f"/admin/keys/{key_id}")
-    assert resp.status_code == 200, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
+create_key = partial(new_key, provider="anthropic", upstream_key=ANTHROPIC_KEY)
 
 
 def client(till: Till, token: str, **kwargs: Any) -> anthropic.Anthropic:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -14,28 +15,15 @@ from google import genai
 from google.genai import errors as genai_errors
 from google.genai import types
 
-from tests.conftest import Mock, Till
+from tests.conftest import Mock, Till, get_key
+from tests.conftest import create_key as new_key
 from till.server.pricing import Pricer, Usage
 
 # A Google-looking key: the log scan (AIza) would catch it if it leaked.
 GOOGLE_KEY = "AIzaSy-test-upstream-google-0123456789"
 MODEL = "gemini-2.5-flash"  # priced by genai-prices
 HELLO = "Hello there"
-
-
-def create_key(admin: httpx.Client, **fields: Any) -> dict[str, Any]:
-    body = {"provider": "google", "upstream_key": GOOGLE_KEY, "max_activations": 100, **fields}
-    resp = admin.post("/admin/keys", json=body)
-    assert resp.status_code == 201, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
-
-
-def get_key(admin: httpx.Client, key_id: str) -> dict[str, Any]:
-    resp = admin.get(f"/admin/keys/{key_id}")
-    assert resp.status_code == 200, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
+create_key = partial(new_key, provider="google", upstream_key=GOOGLE_KEY)
 
 
 def gemini(

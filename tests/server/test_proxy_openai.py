@@ -9,22 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import UPSTREAM_KEY, Mock, Till
-
-
-def create_key(admin: httpx.Client, **fields: Any) -> dict[str, Any]:
-    body = {"provider": "openai", "upstream_key": UPSTREAM_KEY, "max_activations": 100, **fields}
-    resp = admin.post("/admin/keys", json=body)
-    assert resp.status_code == 201, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
-
-
-def get_key(admin: httpx.Client, key_id: str) -> dict[str, Any]:
-    resp = admin.get(f"/admin/keys/{key_id}")
-    assert resp.status_code == 200, resp.text
-    key: dict[str, Any] = resp.json()["key"]
-    return key
+from tests.conftest import UPSTREAM_KEY, Mock, Till, create_key, get_key
 
 
 def client(till: Till, token: str, **kwargs: Any) -> openai.OpenAI:
