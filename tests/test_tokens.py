@@ -37,7 +37,7 @@ KR1 = Keyring([("k1", KEY1)])
 KR2 = Keyring([("k2", KEY2)])
 KR21 = Keyring([("k2", KEY2), ("k1", KEY1)])
 
-UPSTREAM = "sk-proj-test.upstream.secret.0123456789"
+UPSTREAM = "sk-proj-test.upstream.secret.01234567890"
 B64URL = string.ascii_uppercase + string.ascii_lowercase + string.digits + "-_"  # RFC 4648 order
 B32 = "abcdefghijklmnopqrstuvwxyz234567"
 
