@@ -185,3 +185,52 @@ def test_limit_is_exact_across_workers(
         server.stop()
         assert_no_secrets(server.log)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_worker_killed_mid_stream_is_charged_by_the_reaper(
+    own_redis: RedisServer, mock_upstream: Mock, log_dir: Path
+) -> None:
+    """P12: SIGKILL the worker during a stream; another instance's reaper charges the hold."""
+    data_dir = short_tmpdir("till-reaper-")
+    env = till_env(
+        data_dir,
+        mock_upstream.url,
+        own_redis.url,
+        TILL_SECRET_KEYS=Keyring.generate("r1").format(),
+        TILL_HOLD_SECONDS="2",
+        TILL_REAP_INTERVAL="0.2",
+    )
+    doomed = start_till(env, log_dir / "till-reaper-doomed.log")
+    survivor = start_till(env, log_dir / "till-reaper-survivor.log")
+    try:
+        admin_key = doomed.new_tenant()
+        key = new_key(doomed, admin_key, max_tokens=100_000)
+        mock_upstream.reset()
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{doomed.url}/v1/chat/completions",
+                headers={"authorization": f"Bearer {key['scopedKey']}", "x-mock-delay-ms": "100"},
+                json={"model": "gpt-4o", "messages": MESSAGES, "stream": True, "max_tokens": 300},
+            ) as resp,
+        ):
+            chunks = resp.iter_raw()  # kept: a dropped iterator closes the response
+            next(chunks)
+            held = read_key(survivor, admin_key, key["id"])
+            assert int(held["heldTokens"]) > 300  # type: ignore[call-overload]
+            doomed.proc.kill()  # SIGKILL: no settlement, no finally
+            doomed.proc.wait(5)
+        deadline = time.monotonic() + 10
+        after = read_key(survivor, admin_key, key["id"])
+        while after["heldTokens"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+            after = read_key(survivor, admin_key, key["id"])
+        # The hold was charged in full, once: nothing is left held, nothing was lost.
+        assert after["heldTokens"] == 0
+        assert after["usedTokens"] == held["heldTokens"]
+        assert after["usedActivations"] == 1
+    finally:
+        survivor.stop()
+        assert_no_secrets(survivor.log)
+        shutil.rmtree(data_dir, ignore_errors=True)

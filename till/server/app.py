@@ -30,7 +30,6 @@ from till.server.settings import Settings
 
 log = logging.getLogger("till")
 
-REAP_INTERVAL_SECONDS: Final = 10.0
 REAPER_LOCK: Final = "till:reaper"
 ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 
@@ -86,11 +85,12 @@ class Runtime:
         """Charge the holds of requests whose worker died; one worker at a time does it."""
         token = os.urandom(8).hex()
         while True:
-            await asyncio.sleep(REAP_INTERVAL_SECONDS)
+            interval = self.settings.reap_interval
+            await asyncio.sleep(interval)
             try:
                 ledger = self.ledger()
                 got = await ledger.store.set(
-                    REAPER_LOCK, token, nx=True, px=int(REAP_INTERVAL_SECONDS * 1000)
+                    REAPER_LOCK, token, nx=True, px=max(1, int(interval * 1000))
                 )
                 if got:
                     reaped = await ledger.reap()

@@ -37,8 +37,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Upstream: connect, and the longest silence between two bytes of a response.
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
-    # A hold not settled by then (worker died) is charged by the reaper.
+    # A hold not settled by then (worker died) is charged by the reaper, which looks this often.
     hold_seconds: int = 3600
+    reap_interval: float = 10.0
     # Output tokens reserved when a limited key's request sets no output cap of its own.
     default_max_output_tokens: int = 4096
     # Input reserved on top of the body for a request that continues a conversation stored at
@@ -75,6 +76,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", float),
     "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
+    "TILL_REAP_INTERVAL": ("reap_interval", float),
     "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
     "TILL_HIDDEN_INPUT_TOKENS": ("hidden_input_tokens", int),
     "TILL_REDIS_TIMEOUT": ("redis_timeout", float),
@@ -124,8 +126,10 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_WORKERS must be at least 1")
     if s.max_body_bytes < 1024:
         raise SettingsError("TILL_MAX_BODY_BYTES must be at least 1024")
-    if s.hold_seconds < 60:
-        raise SettingsError("TILL_HOLD_SECONDS must be at least 60")
+    if s.hold_seconds < 1:
+        raise SettingsError("TILL_HOLD_SECONDS must be at least 1")
+    if s.reap_interval <= 0:
+        raise SettingsError("TILL_REAP_INTERVAL must be positive")
     if s.hidden_input_tokens < 0:
         raise SettingsError("TILL_HIDDEN_INPUT_TOKENS must not be negative")
     if s.default_max_output_tokens < 1:
