@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8787
 
-.PHONY: install run test lint fmt typecheck bench compat clean
+.PHONY: install run test lint fmt typecheck bench bench-quick profile soak compat clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,8 +40,19 @@ fmt: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Benchmarks: wrk is used when installed (apt-get install wrk), else a built-in driver.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run.py --quick
+
+profile: $(STAMP)
+	$(BIN)/python benchmarks/run.py --profile
+
+# The long versions of the concurrency and fault tests (minutes): SOAK_ARGS="--seconds 600".
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ Each Till server's log is scanned when it stops: a key in any log line fails the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -214,6 +215,25 @@ def assert_no_secrets(log: Path) -> None:
     text = log.read_text(errors="replace")
     leaks = [line for line in text.splitlines() if SECRET_PATTERN.search(line)]
     assert not leaks, f"secret material in {log}: {leaks[:3]}"
+
+
+@contextlib.contextmanager
+def own_till(
+    name: str, upstream: str, redis_url: str | None, log_dir: Path, **env: str
+) -> Iterator[Till]:
+    """A `till serve` of a test's own, with extra TILL_* settings; its log is scanned for
+    secrets when it stops. On a Redis server it gets a keyring of its own."""
+    data_dir = short_tmpdir(f"till-{name}-")
+    if redis_url is not None:
+        env.setdefault("TILL_SECRET_KEYS", Keyring.generate().format())
+    server = start_till(till_env(data_dir, upstream, redis_url, **env), log_dir / f"{name}.log")
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+        assert_no_secrets(server.log)
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

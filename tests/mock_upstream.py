@@ -139,6 +139,9 @@ unless said otherwise)::
     x-mock-status: CODE         reply CODE (>= 400) with the provider's error body
     x-mock-cut-after: N         stream: close the connection after N events (no [DONE]);
                                 non-stream: send the headers and N bytes of the body, then close
+    x-mock-stall-after: N       stream: after N events go silent for STALL_SECONDS (30 s; a
+                                client that leaves ends it), then go on; non-stream: send the
+                                headers and N bytes of the body, then the same silence
     x-mock-error-after: N       stream: after N events send the provider's in-stream error, end
                                 (OpenAI: server_error; Anthropic: ``event: error``
                                 overloaded_error; Gemini: an {"error": {"code": 500, ...,
@@ -158,8 +161,9 @@ the route, or from the key on OpenAI-shaped /v1 paths), anthropic_version and an
 usage (exactly as reported to the client, or null), usage_format (how ``usage`` reads:
 "openai", "anthropic" or "gemini"), usage_normalized, planned_usage (normalised
 {prompt_tokens, completion_tokens, total_tokens} the mock computed, reported or not),
-events_sent, output_tokens_sent, completed, cut, disconnected, started_at, ended_at,
-disconnected_at (``time.time()`` floats; ended_at is null while the request is in flight).
+events_sent, output_tokens_sent, completed, cut, stalled (x-mock-stall-after went silent),
+disconnected, started_at, ended_at, disconnected_at (``time.time()`` floats; ended_at is null
+while the request is in flight).
 
 ``usage_normalized`` is ``usage`` in one shape for every provider, or null when no usage was
 reported: {input_tokens (ALL input: Anthropic's input_tokens + cache reads + cache writes;
@@ -202,6 +206,7 @@ JSON = dict[str, Any]
 DEFAULT_OUTPUT_TOKENS = 20
 DEFAULT_MAX_OUTPUT_TOKENS = 10_000
 DEFAULT_EMBEDDING_DIMENSIONS = 16
+STALL_SECONDS = 30.0  # x-mock-stall-after: long past any read timeout a test sets, yet bounded
 TOKENS_PER_MESSAGE = 3
 SYSTEM_FINGERPRINT = "fp_mock0001"
 VOCAB = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel")
@@ -554,6 +559,7 @@ class MockOptions:
     delay_ms: int = 0
     status: int | None = None
     cut_after: int | None = None
+    stall_after: int | None = None
     error_after: int | None = None
     redirect: str | None = None
     prompt_tokens: int | None = None
@@ -572,6 +578,7 @@ class MockOptions:
             delay_ms=_header_int(headers, "x-mock-delay-ms") or 0,
             status=status if status is not None and status >= 400 else None,
             cut_after=_header_int(headers, "x-mock-cut-after"),
+            stall_after=_header_int(headers, "x-mock-stall-after"),
             error_after=_header_int(headers, "x-mock-error-after"),
             redirect=None if redirect in ("", "0") else redirect,
             prompt_tokens=_header_int(headers, "x-mock-prompt-tokens"),
@@ -768,6 +775,12 @@ def _openai_stream_error(err: ApiError) -> SSEEvent:
 def _alive(request: web.Request) -> bool:
     transport = request.transport
     return transport is not None and not transport.is_closing()
+
+
+async def _stall(request: web.Request, record: JSON) -> None:
+    """x-mock-stall-after: go silent (bounded); a client that leaves meanwhile ends it."""
+    record["stalled"] = True
+    await _pause(request, int(STALL_SECONDS * 1000))
 
 
 async def _pause(request: web.Request, delay_ms: int) -> None:
@@ -1650,6 +1663,7 @@ class MockUpstream:
             "output_tokens_sent": 0,
             "completed": False,
             "cut": False,
+            "stalled": False,
             "disconnected": False,
             "started_at": time.time(),
             "ended_at": None,
@@ -1734,6 +1748,7 @@ class MockUpstream:
             200,
             reply,
             cut_after=opts.cut_after,
+            stall_after=opts.stall_after,
             provider=provider,
             usage_format=route.usage_format,
         )
@@ -1765,10 +1780,12 @@ class MockUpstream:
         *,
         headers: dict[str, str] | None = None,
         cut_after: int | None = None,
+        stall_after: int | None = None,
         provider: Provider = OPENAI,
         usage_format: str = "openai",
     ) -> web.StreamResponse:
-        """Send a whole JSON reply (or just its first ``cut_after`` bytes, then hang up)."""
+        """Send a whole JSON reply (or just its first ``cut_after`` bytes, then hang up; or its
+        first ``stall_after`` bytes, then STALL_SECONDS of silence, then the rest)."""
         data = b"" if payload is None else _encode(payload)
         headers = headers or self._response_headers(record, provider)
         resp = web.StreamResponse(status=status, headers=headers)
@@ -1783,6 +1800,10 @@ class MockUpstream:
                 record["cut"] = True
                 _hang_up(request)
             else:
+                if stall_after is not None and stall_after < len(data):
+                    await resp.write(data[:stall_after])
+                    data = data[stall_after:]
+                    await _stall(request, record)
                 await resp.write(data)
                 await resp.write_eof()
                 record["completed"] = True
@@ -1825,6 +1846,8 @@ class MockUpstream:
                     record["cut"] = True
                     _hang_up(request)
                     break
+                if opts.stall_after is not None and record["events_sent"] == opts.stall_after:
+                    await _stall(request, record)
                 if opts.error_after is not None and record["events_sent"] >= opts.error_after:
                     err = route.provider.stream_failure()
                     record["error"] = route.provider.error_body(err)

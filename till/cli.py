@@ -85,8 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss'
     config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
-    config.graceful_timeout = 30.0
-    config.keep_alive_timeout = 75.0  # above common load balancers' idle timeouts
+    config.graceful_timeout = settings.graceful_timeout
+    # Keep it above the load balancer's idle timeout (nginx.conf: 60 s). The timer runs from a
+    # connection's start, or the end of its last response, until a request's headers are in:
+    # it is also the bound on headers sent slowly. (hypercorn's read_timeout is not set: it
+    # bounds the client's silence, and a client waiting for a long answer is silent.)
+    config.keep_alive_timeout = settings.idle_timeout
     config.include_server_header = False
     # Agent fleets open connections in bursts; hypercorn's default backlog of 100 drops them.
     config.backlog = 2048

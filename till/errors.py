@@ -16,6 +16,9 @@ STATUS: Final[dict[str, int]] = {
     "invalid_json": 400,
     "validation_error": 422,
     "payload_too_large": 413,
+    "headers_too_large": 431,
+    "invalid_header": 400,
+    "request_timeout": 408,
     "not_found": 404,
     "method_not_allowed": 405,
     # admin authentication and plan
@@ -36,6 +39,7 @@ STATUS: Final[dict[str, int]] = {
     "monthly_quota_reached": 402,
     # infrastructure
     "store_unavailable": 503,
+    "too_many_streams": 503,
     "upstream_unavailable": 502,
     "upstream_timeout": 504,
     "internal_error": 500,
@@ -149,6 +153,7 @@ def error_class(status: int, code: str) -> type[TillError]:
         403: PermissionDeniedError,
         404: NotFoundError,
         413: ValidationError,
+        431: ValidationError,
         422: ValidationError,
         429: RateLimitError,
     }

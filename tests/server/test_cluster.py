@@ -760,6 +760,11 @@ def test_killed_node_fails_closed_for_its_tenants_only(
                 assert resp.status_code == 200
                 used = resp.json()["key"]["usedActivations"]
                 assert used == sum(1 for r in results if r[0] == port and r[3] == 200)
+        # Readiness asks the node of its probe's slot only: one dead node does not take every
+        # worker out of rotation (its own tenants get 503s meanwhile, above).
+        ready = httpx.get(f"{server.url}/readyz")
+        probe_node = cluster.port_of_key("{t:ready}:k:probe")
+        assert ready.status_code == (503 if probe_node == victim else 200), ready.text
     finally:
         stop_and_check(server)
 

@@ -92,11 +92,15 @@ def test_store_down_fails_closed_and_recovers(
         with till_on.admin(admin_key) as admin:
             resp = admin.get("/admin/keys")
         assert resp.status_code == 503 and "retry-after" in resp.headers
+        # And the worker says it is not ready, so a load balancer stops sending to it.
+        ready = httpx.get(f"{till_on.url}/readyz")
+        assert ready.status_code == 503 and ready.json()["error"]["code"] == "store_unavailable"
         # The store comes back on the same port (AOF kept the data): Till recovers by itself.
         restarted = start_redis(own_redis.dir, own_redis.port)
         own_redis.proc = restarted.proc
         oa.chat.completions.create(model="gpt-4o", messages=MESSAGES)
     assert len(mock_upstream.requests()) == 1
+    assert httpx.get(f"{till_on.url}/readyz").status_code == 200
 
 
 def test_client_disconnect_mid_stream_closes_upstream_and_charges(

@@ -10,7 +10,7 @@ import ipaddress
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, cast, overload
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from till.errors import status_for
+from till.server import openapi
 from till.server.ledger import (
     MICROCENTS_PER_CENT,
     KeyRecord,
@@ -34,20 +35,112 @@ MAX_METADATA_BYTES: Final = 8 * 1024
 _KEY_ID = re.compile(rf"[a-z2-7]{{{KEY_ID_LENGTH}}}")
 # Provider keys are printable ASCII with no spaces; anything else is a paste accident.
 _UPSTREAM_KEY = re.compile(r"[\x21-\x7e]+")
+_TILL_PREFIX: Final = "till_"
+
+
+Provider = Literal["openai", "anthropic", "google"]
+# The wire's times: RFC 3339 in UTC, to the millisecond.
+Timestamp = Annotated[str, msgspec.Meta(extra_json_schema={"format": "date-time"})]
+Cents = Annotated[
+    float, msgspec.Meta(ge=0, description="Cents: an integer when whole, else a decimal.")
+]
 
 
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    provider: Literal["openai", "anthropic", "google"]
-    upstream_key: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    """The body of POST /admin/keys, snake case. The checks msgspec cannot make are in
+    parse_create; those it can state are in the JSON schema it generates for the document."""
+
+    provider: Provider
+    upstream_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=512,
+            description="The provider's real key: sealed into the token, never stored.",
+            extra_json_schema={
+                "pattern": f"^{_UPSTREAM_KEY.pattern}$",
+                "not": {"pattern": f"^{_TILL_PREFIX}"},
+            },
+        ),
+    ]
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
-    name: Annotated[str, msgspec.Meta(max_length=200)] | None = None
-    metadata: dict[str, Any] | None = None
-    ip_whitelist: Annotated[list[str], msgspec.Meta(max_length=16)] | None = None
+    name: (
+        Annotated[str, msgspec.Meta(max_length=200, description="Stored as metadata.name.")] | None
+    ) = None
+    metadata: (
+        Annotated[
+            dict[str, Any], msgspec.Meta(description=f"At most {MAX_METADATA_BYTES} bytes as JSON.")
+        ]
+        | None
+    ) = None
+    ip_whitelist: (
+        Annotated[
+            list[Annotated[str, msgspec.Meta(extra_json_schema=openapi.IP_NETWORK)]],
+            msgspec.Meta(max_length=16, description="IP addresses or CIDR networks, v4 or v6."),
+        ]
+        | None
+    ) = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
     max_spend_cents: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] | None = None
 
 
-_create_decoder = msgspec.json.Decoder(CreateKey)
+class ScopedKey(msgspec.Struct, kw_only=True, rename="camel"):
+    """A scoped key on the wire (WIRE_API.md), camel case; `scopedKey` is set on creation only."""
+
+    id: str
+    tenant_id: str
+    provider: Provider
+    max_activations: int
+    used_activations: int
+    status: Annotated[str, msgspec.Meta(description="active, exhausted or revoked.")]
+    ip_whitelist: list[str]
+    created_at: Timestamp
+    last_used_at: Timestamp | None
+    metadata: dict[str, Any]
+    max_tokens: int | None
+    used_tokens: int
+    max_spend_cents: Cents | None
+    used_spend_cents: Cents
+    scoped_key: (
+        Annotated[str, msgspec.Meta(description="The token: set by POST /admin/keys only.")] | None
+    )
+    # Additions beyond the published contract.
+    held_tokens: int
+    held_spend_cents: Cents
+    used_spend_microcents: int
+    remaining_activations: int
+    remaining_tokens: int | None
+    remaining_spend_cents: Cents | None
+
+
+class Tenant(msgspec.Struct, kw_only=True, rename="camel"):
+    """The account's tenant and its plan limits."""
+
+    id: str
+    email: str
+    plan: str
+    max_keys: int
+    max_activations_per_month: int
+    activations_this_month: int
+    status: str
+    name: str
+
+
+class Account(msgspec.Struct, kw_only=True, rename="camel"):
+    """GET /admin/account: a tenant's live keys and this month's activations."""
+
+    scope: Literal["tenant"]
+    keys_used: int
+    tenants: int
+    activations_used_this_month: int
+    tenant: Tenant
+
+
+# CreateKey's integer fields. JSON has one number type: `5.0` is the integer 5 to JSON Schema
+# (the document's dialect) and to any client that computes a limit as a float, and msgspec,
+# strict, refuses it. Its lax mode would also take "5", so whole floats are mended beforehand.
+_WHOLE_NUMBERS: Final = ("max_activations", "max_tokens", "max_spend_cents")
+_decode_json = msgspec.json.Decoder()
 _encode = msgspec.json.encode
 
 
@@ -72,9 +165,7 @@ def json_response(payload: dict[str, Any], status: int = 200) -> Response:
     return Response(_encode(payload), status_code=status, media_type="application/json")
 
 
-def _rfc3339(ms: int | None) -> str | None:
-    if ms is None:
-        return None
+def _rfc3339(ms: int) -> str:
     return (
         datetime.fromtimestamp(ms / 1000, tz=UTC)
         .isoformat(timespec="milliseconds")
@@ -82,6 +173,10 @@ def _rfc3339(ms: int | None) -> str | None:
     )
 
 
+@overload
+def cents(microcents: int) -> int | float: ...
+@overload
+def cents(microcents: int | None) -> int | float | None: ...
 def cents(microcents: int | None) -> int | float | None:
     """Micro-cents as cents on the wire: an integer when whole, else a decimal."""
     if microcents is None:
@@ -90,58 +185,57 @@ def cents(microcents: int | None) -> int | float | None:
     return whole if part == 0 else round(microcents / MICROCENTS_PER_CENT, 6)
 
 
-def key_json(k: KeyRecord, scoped_key: str | None = None) -> dict[str, Any]:
+def key_view(k: KeyRecord, scoped_key: str | None = None) -> ScopedKey:
     remaining_tokens = None
     if k.max_tokens is not None:
         remaining_tokens = max(0, k.max_tokens - k.used_tokens - k.held_tokens)
     remaining_mc = None
     if k.max_microcents is not None:
         remaining_mc = max(0, k.max_microcents - k.used_microcents - k.held_microcents)
-    return {
-        "id": k.id,
-        "tenantId": k.tenant_id,
-        "provider": k.provider,
-        "maxActivations": k.max_activations,
-        "usedActivations": k.used_activations,
-        "status": k.status,
-        "ipWhitelist": k.ip_whitelist,
-        "createdAt": _rfc3339(k.created_ms),
-        "lastUsedAt": _rfc3339(k.last_used_ms),
-        "metadata": k.metadata,
-        "maxTokens": k.max_tokens,
-        "usedTokens": k.used_tokens,
-        "maxSpendCents": cents(k.max_microcents),
-        "usedSpendCents": cents(k.used_microcents),
-        "scopedKey": scoped_key,
-        # Additions beyond the published contract.
-        "heldTokens": k.held_tokens,
-        "heldSpendCents": cents(k.held_microcents),
-        "usedSpendMicrocents": k.used_microcents,
-        "remainingActivations": 0
+    return ScopedKey(
+        id=k.id,
+        tenant_id=k.tenant_id,
+        provider=cast(Provider, k.provider),  # written from a CreateKey
+        max_activations=k.max_activations,
+        used_activations=k.used_activations,
+        status=k.status,
+        ip_whitelist=k.ip_whitelist,
+        created_at=_rfc3339(k.created_ms),
+        last_used_at=None if k.last_used_ms is None else _rfc3339(k.last_used_ms),
+        metadata=k.metadata,
+        max_tokens=k.max_tokens,
+        used_tokens=k.used_tokens,
+        max_spend_cents=cents(k.max_microcents),
+        used_spend_cents=cents(k.used_microcents),
+        scoped_key=scoped_key,
+        held_tokens=k.held_tokens,
+        held_spend_cents=cents(k.held_microcents),
+        used_spend_microcents=k.used_microcents,
+        remaining_activations=0
         if k.status == "revoked"
         else max(0, k.max_activations - k.used_activations),
-        "remainingTokens": remaining_tokens,
-        "remainingSpendCents": cents(remaining_mc),
-    }
+        remaining_tokens=remaining_tokens,
+        remaining_spend_cents=cents(remaining_mc),
+    )
 
 
-def tenant_json(t: TenantRecord, month_activations: int) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "email": t.email,
-        "plan": t.plan,
-        "maxKeys": t.max_keys,
-        "maxActivationsPerMonth": t.max_activations_per_month,
-        "activationsThisMonth": month_activations,
-        "status": t.status,
-        "name": t.name,
-    }
+def tenant_view(t: TenantRecord, month_activations: int) -> Tenant:
+    return Tenant(
+        id=t.id,
+        email=t.email,
+        plan=t.plan,
+        max_keys=t.max_keys,
+        max_activations_per_month=t.max_activations_per_month,
+        activations_this_month=month_activations,
+        status=t.status,
+        name=t.name,
+    )
 
 
 def parse_create(body: bytes) -> CreateKey:
     """Decode and validate a CreateKey body; AdminError names the first bad field."""
     try:
-        req = _create_decoder.decode(body)
+        req = msgspec.convert(_whole_numbers(_decode_json.decode(body)), CreateKey)
     except msgspec.ValidationError as exc:
         raise AdminError("validation_error", _validation_message(str(exc))) from None
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
@@ -149,7 +243,7 @@ def parse_create(body: bytes) -> CreateKey:
         raise AdminError("invalid_json", "The request body is not valid JSON.") from None
     if not _UPSTREAM_KEY.fullmatch(req.upstream_key):
         raise AdminError("validation_error", "upstream_key must be printable ASCII without spaces.")
-    if req.upstream_key.startswith("till_"):
+    if req.upstream_key.startswith(_TILL_PREFIX):
         raise AdminError(
             "validation_error", "upstream_key must be the provider's key, not a Till key."
         )
@@ -164,6 +258,16 @@ def parse_create(body: bytes) -> CreateKey:
                 "validation_error", f"ip_whitelist[{i}] is not an IP address or CIDR."
             ) from None
     return req
+
+
+def _whole_numbers(data: Any) -> Any:
+    """The body with a whole float in an integer field made an int, so that 5.0 reads as 5."""
+    if isinstance(data, dict):
+        for name in _WHOLE_NUMBERS:
+            value = data.get(name)
+            if isinstance(value, float) and value.is_integer():
+                data[name] = int(value)
+    return data
 
 
 _ENUM_ERROR = re.compile(r"Invalid enum value .* - at `(?P<path>[^`]*)`", re.DOTALL)
@@ -197,9 +301,16 @@ class Admin:
     def __init__(self, ledger: Callable[[], Ledger], keyring: Keyring) -> None:
         self._ledger = ledger
         self.keyring = keyring
+        document = openapi.document(
+            create=CreateKey, key=ScopedKey, account=Account, key_id_pattern=_KEY_ID.pattern
+        )
+        self._openapi = _encode(document)
 
     def routes(self) -> list[Route]:
         return [
+            # Without authentication, like the published docs it restates: the document is the
+            # same for every tenant and every server, and holds no tenant data and no secret.
+            Route("/admin/openapi.json", self.openapi_json, methods=["GET"]),
             Route("/admin/account", self._guard(self.account), methods=["GET"]),
             Route("/admin/keys", self._guard(self.create_key), methods=["POST"]),
             Route("/admin/keys", self._guard(self.list_keys), methods=["GET"]),
@@ -234,23 +345,23 @@ class Admin:
             raise AdminError("unauthorized", "The admin key is not valid.")
         return tenant_id
 
+    async def openapi_json(self, request: Request) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
     async def account(self, request: Request, tenant_id: str) -> Response:
         ledger = self._ledger()
         tenant = await ledger.tenant(tenant_id)
         if tenant is None:
             raise AdminError("unauthorized", "The admin key is not valid.")
         month = await ledger.month_activations(tenant_id)
-        return json_response(
-            {
-                "account": {
-                    "scope": "tenant",
-                    "keysUsed": tenant.live_keys,
-                    "tenants": 1,
-                    "activationsUsedThisMonth": month,
-                    "tenant": tenant_json(tenant, month),
-                }
-            }
+        view = Account(
+            scope="tenant",
+            keys_used=tenant.live_keys,
+            tenants=1,
+            activations_used_this_month=month,
+            tenant=tenant_view(tenant, month),
         )
+        return json_response({"account": view})
 
     async def create_key(self, request: Request, tenant_id: str) -> Response:
         body = await _read_capped(request)
@@ -298,22 +409,22 @@ class Admin:
                     remaining=0,
                 ) from None
             raise AdminError(exc.code, "This account cannot create keys.") from None
-        return json_response({"key": key_json(record, token)}, status=201)
+        return json_response({"key": key_view(record, token)}, status=201)
 
     async def list_keys(self, request: Request, tenant_id: str) -> Response:
         records = await self._ledger().list_keys(tenant_id)
-        return json_response({"keys": [key_json(k) for k in records]})
+        return json_response({"keys": [key_view(k) for k in records]})
 
     async def get_key(self, request: Request, tenant_id: str) -> Response:
         record = await self._find(request, tenant_id)
-        return json_response({"key": key_json(record)})
+        return json_response({"key": key_view(record)})
 
     async def revoke_key(self, request: Request, tenant_id: str) -> Response:
         key_id = self._key_id(request)
         record = await self._ledger().revoke_key(tenant_id, key_id)
         if record is None:
             raise AdminError("not_found", f"No key {key_id!r} in this account.")
-        return json_response({"key": key_json(record)})
+        return json_response({"key": key_view(record)})
 
     def _key_id(self, request: Request) -> str:
         key_id = str(request.path_params["key_id"])

@@ -139,7 +139,7 @@ def create_app(settings: Settings) -> Starlette:
 
     async def readyz(request: Request) -> Response:
         try:
-            await runtime.ledger().ping()
+            await runtime.ledger().check()
         except StoreUnavailable:
             return error_response("store_unavailable", "The store does not answer.")
         return json_response({"status": "ready"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -29,11 +30,33 @@ from redis.backoff import ExponentialBackoff
 from till.server.plans import PLANS, Plan
 from till.tokens import new_tenant_id
 
+log = logging.getLogger("till.ledger")
+
 MICROCENTS_PER_CENT: Final = 1_000_000
 ADMIN_PREFIX: Final = "till_admin_"
 MONTH_TTL_SECONDS: Final = 40 * 86400
 SETTLED_TTL_SECONDS: Final = 86400
 TENANTS_SET: Final = "till:tenants"
+# A reserve or settle that failed past redis-py's one resend may still have run (its reply was
+# lost). The ledger finishes the job in the background: a failed reserve is cancelled (the
+# caller refused the request, nothing was forwarded), a failed settle is sent again; both are
+# idempotent by request id. Attempts after these delays (seconds), a few at a time; what is
+# still held after the last one is the reaper's.
+REPAIR_DELAYS: Final = (0.05, 0.25, 1.0, 3.0, 10.0)
+REPAIR_CONCURRENCY: Final = 8
+MAX_REPAIRS: Final = 10_000  # pending per client; beyond, the reaper's
+
+# Cancels a reservation whose reserve failed for its caller. KEYS[1]: the reservation record;
+# ARGV[1]: how long to keep the marker, seconds. Returns 1 when the record did not exist: the
+# reserve never ran, and now never will (reserve answers a record that exists, writing
+# nothing); 0 when it exists: the reserve ran, and the caller settles it as never forwarded.
+_CANCEL: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'cancelled', 'grant', -1, 'rem_act', 0, 'rem_tok', -1,
+  'rem_mc', -1)
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
 
 Store = aioredis.Redis | RedisCluster
 T = TypeVar("T")
@@ -244,6 +267,9 @@ class Ledger:
         self._settle = _Script(store, _script("settle"))
         self._create_key = _Script(store, _script("create_key"))
         self._revoke_key = _Script(store, _script("revoke_key"))
+        self._cancel = _Script(store, _CANCEL)
+        self._repairs: set[asyncio.Task[None]] = set()
+        self._repair_gate = asyncio.Semaphore(REPAIR_CONCURRENCY)
         # A cluster client's per-node pool refuses at once (MaxConnectionsError) when it is
         # full, where a single server's blocking pool waits up to the timeout for a free
         # connection: calls queue here instead, so a burst is served rather than refused. An
@@ -257,6 +283,11 @@ class Ledger:
             self._gate_timeout = store.connection_kwargs.get("socket_timeout")
 
     async def close(self) -> None:
+        # Repairs still waiting are dropped: what they would have settled is the reaper's.
+        repairs = list(self._repairs)
+        for task in repairs:
+            task.cancel()
+        await asyncio.gather(*repairs, return_exceptions=True)
         if isinstance(self.store, aioredis.Redis):
             # connect() hands the client an explicit pool, which redis-py then never closes
             # by itself: without this, every pooled socket stays open.
@@ -304,6 +335,18 @@ class Ledger:
 
     async def ping(self) -> None:
         await self._call(self._r.ping)
+
+    async def check(self) -> None:
+        """Run the reserve script for a key that cannot exist: readiness is the budget path
+        answering (the script loaded, its node up), not just a PING. It refuses without writing
+        anything. On a cluster this asks the node that owns the probe's slot, so one dead node
+        does not make every worker unready; requests for its own tenants get 503s meanwhile."""
+        probe = "ready"
+        keys = [tkey(probe, part) for part in ("k:probe", "tenant", "m:000000", "r:probe", "holds")]
+        args: list[str | int] = ["probe:probe", 0, 0, 1, 0, -1, 1, -1, -1, 0]
+        reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        if reply[:2] != [b"refused", b"invalid_api_key"]:
+            raise StoreUnavailable("the reserve script answered a probe unexpectedly")
 
     # --- tenants and admin keys ---
 
@@ -503,7 +546,16 @@ class Ledger:
             output_nanocents,
             min_output,
         ]
-        reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        try:
+            reply = await self._call(lambda: self._reserve(keys=keys, args=args))
+        except (StoreUnavailable, asyncio.CancelledError):
+            # The caller fails the request closed (or is gone): nothing is forwarded. If the
+            # script ran (its reply lost), what it took is given back; if it never ran, a late
+            # run of it will take nothing.
+            self._repair_later(
+                partial(self._cancel_reservation, tenant_id, key_id, request_id, month)
+            )
+            raise
         if reply[0] != b"ok":
             raise Refused(reply[1].decode(), int(reply[2]), int(reply[3]), int(reply[4]))
         return Admission(int(reply[1]), int(reply[2]), _unlimited(reply[3]), _unlimited(reply[4]))
@@ -518,8 +570,42 @@ class Ledger:
         tokens: int | None,
         microcents: int | None,
         refund_activation: bool = False,
+        retry_later: bool = True,
     ) -> Settlement | None:
-        """Charge what the request used (None: unknown, charge the hold). None if already done."""
+        """Charge what the request used (None: unknown, charge the hold). None if already done.
+
+        StoreUnavailable means the outcome is unknown: the settlement may have been applied
+        (its reply lost). With ``retry_later`` it is sent again in the background, which is a
+        no-op if it was applied; the reaper charges the hold if no attempt gets through.
+        """
+        send = partial(
+            self._settle_once,
+            tenant_id=tenant_id,
+            key_id=key_id,
+            request_id=request_id,
+            month=month,
+            tokens=tokens,
+            microcents=microcents,
+            refund_activation=refund_activation,
+        )
+        try:
+            return await send()
+        except StoreUnavailable:
+            if retry_later:
+                self._repair_later(send)
+            raise
+
+    async def _settle_once(
+        self,
+        *,
+        tenant_id: str,
+        key_id: str,
+        request_id: str,
+        month: str,
+        tokens: int | None,
+        microcents: int | None,
+        refund_activation: bool,
+    ) -> Settlement | None:
         keys = [
             tkey(tenant_id, f"k:{key_id}"),
             tkey(tenant_id, f"r:{request_id}"),
@@ -537,6 +623,46 @@ class Ledger:
         if reply[0] != b"ok":
             return None
         return Settlement(int(reply[1]), _unlimited(reply[2]), _unlimited(reply[3]))
+
+    async def _cancel_reservation(
+        self, tenant_id: str, key_id: str, request_id: str, month: str
+    ) -> None:
+        record = tkey(tenant_id, f"r:{request_id}")
+        blocked = await self._call(lambda: self._cancel(keys=[record], args=[SETTLED_TTL_SECONDS]))
+        if not int(blocked):
+            # It ran: never forwarded, so nothing billed and the activation given back (a
+            # no-op if it was settled meanwhile).
+            await self._settle_once(
+                tenant_id=tenant_id,
+                key_id=key_id,
+                request_id=request_id,
+                month=month,
+                tokens=0,
+                microcents=0,
+                refund_activation=True,
+            )
+
+    def _repair_later(self, job: Callable[[], Awaitable[object]]) -> None:
+        if len(self._repairs) >= MAX_REPAIRS:
+            return  # a store down for long: the reaper settles what is left held
+        task = asyncio.ensure_future(self._repair(job))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _repair(self, job: Callable[[], Awaitable[object]]) -> None:
+        for delay in REPAIR_DELAYS:
+            await asyncio.sleep(delay)
+            async with self._repair_gate:
+                try:
+                    await job()
+                except StoreUnavailable:
+                    continue
+                except Exception as exc:  # a reply the job did not expect: nothing to retry
+                    log.warning("store repair failed (%s); left to the reaper", type(exc).__name__)
+                return
+        log.warning(
+            "store unavailable after %d retries: a hold is left to the reaper", len(REPAIR_DELAYS)
+        )
 
     async def reap(self, *, limit: int = 500) -> int:
         """Charge the holds whose deadline passed (their worker died). Returns how many.
@@ -567,6 +693,7 @@ class Ledger:
                         month=month_of(now / 1000),
                         tokens=None,
                         microcents=None,
+                        retry_later=False,  # the next round retries
                     )
                     if done is None:
                         # Settled meanwhile, or its record expired: drop the stale entry.

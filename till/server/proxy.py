@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from till.server.providers.base import (
     decode_body,
     encode,
 )
-from till.server.relay import UpstreamCut, relay_events
+from till.server.relay import ClientStalled, UpstreamCut, WriteDeadline, relay_events
 from till.server.settings import Settings
 from till.tokens import InvalidToken, Keyring, TokenClaims, unseal
 
@@ -72,6 +73,11 @@ DROP_RESPONSE_HEADERS: Final = frozenset(
      "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc",
      "date", "server"}
 )  # fmt: skip
+# What aiohttp refuses to send in a header value (it would raise after the reservation) and
+# no provider wants: control characters. h11 and h2 let some through.
+UNSENDABLE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers passed on to the provider, all together: an SDK sends about 1 KiB.
+MAX_FORWARDED_HEADER_BYTES: Final = 16 * 1024
 TOKEN_CACHE_SIZE: Final = 10_000
 # Endpoints whose answer has no output tokens: nothing to cap, nothing to reserve for it.
 NO_OUTPUT_KINDS: Final = frozenset({"embeddings", "embed", "count_tokens"})
@@ -153,6 +159,8 @@ class Proxy:
             ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
         )
         self._settling: set[asyncio.Task[Any]] = set()
+        # Streams open in this worker, against settings.max_streams.
+        self._streams = 0
 
     async def drain(self) -> None:
         """Wait for settlements still running (shutdown)."""
@@ -160,21 +168,34 @@ class Proxy:
             await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = WriteDeadline(send, self.settings.write_timeout)
         try:
-            await self._handle(scope, receive, send)
-        except ProxyError as exc:
-            # The client's SDK is known by the path it called: answer in its dialect.
-            dialect = self._dialect(scope["path"])
-            headers = [(b"content-type", b"application/json")]
-            if exc.status == 503:
-                headers.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
-            body = dialect.error_body(exc.status, exc.code, exc.message, exc.extra)
-            headers.append((b"content-length", str(len(body)).encode()))
-            await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
+            try:
+                await self._handle(scope, receive, deadline)
+            except ProxyError as exc:
+                await self._refuse(scope, deadline, exc)
+        except ClientStalled:
+            # Whatever it had reserved is settled already, its upstream closed.
+            log.warning(
+                "client stopped reading: response dropped after %gs (TILL_WRITE_TIMEOUT)",
+                self.settings.write_timeout,
+            )
         except (ClientGone, OSError):
             # The client went away; whatever it had reserved is settled already.
             return
+        finally:
+            deadline.close()
+
+    async def _refuse(self, scope: Scope, send: Send, exc: ProxyError) -> None:
+        # The client's SDK is known by the path it called: answer in its dialect.
+        dialect = self._dialect(scope["path"])
+        headers = [(b"content-type", b"application/json")]
+        if exc.status == 503:
+            headers.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
+        body = dialect.error_body(exc.status, exc.code, exc.message, exc.extra)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _dialect(self, path: str) -> Format:
         for fmt in self.formats:
@@ -246,6 +267,7 @@ class Proxy:
             # The path is not echoed: it is the client's input and may hold anything.
             raise ProxyError("not_found", f"Till does not forward {method} requests to this path.")
         self._check_claims(scope, headers, key)
+        forward = _forwarded_headers(headers)
 
         # Step 3: body, estimate, reserve.
         raw = await self._read_body(receive, headers) if method == "POST" else b""
@@ -263,19 +285,31 @@ class Proxy:
         input_tokens = ex.input_estimate = estimate_input_tokens(raw) if route.metered else 0
         if info.hidden_input:
             input_tokens += self.settings.hidden_input_tokens
-        admission = await self._reserve(ex, input_tokens)
-        ex.limited = admission.grant >= 0
+        stream = info.stream or route.stream
+        if stream:
+            # Refused before the reservation: an overloaded worker costs the key nothing.
+            if self._streams >= self.settings.max_streams:
+                raise ProxyError(
+                    "too_many_streams", "Till has too many open streams; retry shortly."
+                )
+            self._streams += 1
         try:
-            if route.metered and route.format.rewrite(route, body, info, admission.grant):
-                raw = encode(body)
-            await self._exchange(scope, receive, send, headers, ex, raw, admission)
+            admission = await self._reserve(ex, input_tokens)
+            ex.limited = admission.grant >= 0
+            try:
+                if route.metered and route.format.rewrite(route, body, info, admission.grant):
+                    raw = encode(body)
+                await self._exchange(scope, receive, send, forward, ex, raw, admission)
+            finally:
+                if not ex.settled:
+                    # Shielded: a cancelled request (client gone, shutdown) still settles.
+                    task = asyncio.ensure_future(self._settle(ex))
+                    self._settling.add(task)
+                    task.add_done_callback(self._settling.discard)
+                    await asyncio.shield(task)
         finally:
-            if not ex.settled:
-                # Shielded: a cancelled request (client gone, shutdown) still settles.
-                task = asyncio.ensure_future(self._settle(ex))
-                self._settling.add(task)
-                task.add_done_callback(self._settling.discard)
-                await asyncio.shield(task)
+            if stream:
+                self._streams -= 1
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.settings.max_body_bytes
@@ -288,17 +322,26 @@ class Proxy:
                 raise too_large
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise too_large
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        # One deadline for the whole body: a client trickling bytes never falls silent long
+        # enough for a per-read timeout. Nothing is reserved yet, so a 408 costs nothing.
+        timeout = self.settings.body_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise ProxyError(
+                "request_timeout", f"The request body did not arrive within {timeout:g} seconds."
+            ) from None
 
     async def _reserve(self, ex: Exchange, input_tokens: int) -> Admission:
         info = ex.info
@@ -338,18 +381,13 @@ class Proxy:
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: dict[bytes, bytes],
+        forward: list[tuple[str, str]],
         ex: Exchange,
         raw: bytes,
         admission: Admission,
     ) -> None:
         provider = ex.provider
-        forward = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers.items()
-            if k not in DROP_REQUEST_HEADERS
-        ]
-        forward += provider.auth_headers(ex.claims.upstream_key, ex.route)
+        forward = forward + provider.auth_headers(ex.claims.upstream_key, ex.route)
         try:
             upstream = await self._http().request(
                 scope["method"],
@@ -359,12 +397,18 @@ class Proxy:
                 headers=forward,
                 allow_redirects=False,
             )
-        except aiohttp.ClientConnectorError:
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+            # Never connected: the provider never saw the request, which costs nothing.
             ex.refund, ex.charge_zero = True, True
             raise ProxyError("upstream_unavailable", "The provider could not be reached.") from None
-        except (aiohttp.ClientError, TimeoutError):
-            ex.charge_zero = True
-            raise ProxyError("upstream_unavailable", "The provider did not answer.") from None
+        except ValueError:
+            # aiohttp refused to build the request (nothing was sent): a backstop, since the
+            # headers were checked before the reservation.
+            ex.refund, ex.charge_zero = True, True
+            raise ProxyError("invalid_header", "The request could not be forwarded.") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The request was sent: the provider may have served (and billed) it anyway.
+            raise _broke_off(ex, exc, "The provider did not answer.") from None
         try:
             status = upstream.status
             if 300 <= status < 400:
@@ -380,11 +424,8 @@ class Proxy:
                 return
             try:
                 data = await upstream.read()
-            except (aiohttp.ClientError, TimeoutError):
-                ex.charge_zero = True
-                raise ProxyError(
-                    "upstream_unavailable", "The provider's answer broke off."
-                ) from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise _broke_off(ex, exc, "The provider's answer broke off.") from None
             if status >= 400 or not ex.route.metered:
                 # An upstream error bills nothing: the activation counts, the hold is released.
                 ex.charge_zero = True
@@ -418,14 +459,17 @@ class Proxy:
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             done, _ = await asyncio.wait({relay, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if relay not in done:
-                # The client left: stop reading and drop the upstream connection now.
+            cut = relay.exception() if relay in done else None
+            if relay not in done or isinstance(cut, ClientStalled):
+                # The client left or stopped reading: stop reading and drop the upstream
+                # connection now. A stall goes on up, to be logged.
                 relay.cancel()
                 await asyncio.gather(relay, return_exceptions=True)
                 upstream.close()
                 self._take_usage(ex, meter, complete=False)
+                if cut is not None:
+                    raise cut
                 return
-            cut = relay.exception()
             if isinstance(cut, UpstreamCut):
                 log.warning("upstream stream broke off (%s)", cut)
                 error = ex.route.format.error_body(
@@ -443,15 +487,17 @@ class Proxy:
         self._take_usage(ex, meter, complete=not isinstance(cut, UpstreamCut))
         # Settle before the stream's end reaches the client: a read after it sees the usage.
         await self._settle(ex)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": meter.trailer, "more_body": False})
 
     @staticmethod
     def _take_usage(ex: Exchange, meter: StreamMeter, *, complete: bool) -> None:
         """A stream that ended early may have cost the provider more than the usage seen so
         far: a limited key is charged its hold, the upper bound, instead (usage left None). A
         key without limits holds nothing, so it is charged what was seen."""
-        if complete or not ex.limited:
+        if complete:
             ex.usage, ex.model = meter.usage, meter.model
+        elif not ex.limited:
+            ex.usage, ex.model = meter.usage or meter.partial, meter.model
 
     # --- step 6: settle ---
 
@@ -477,8 +523,9 @@ class Proxy:
                 refund_activation=ex.refund,
             )
         except StoreUnavailable:
-            # The hold stays; the reaper charges it once its deadline passes.
-            log.warning("settlement deferred to the reaper: store unavailable")
+            # The ledger keeps retrying in the background; if the store stays away, the hold
+            # stays and the reaper charges it once its deadline passes.
+            log.warning("settlement deferred: store unavailable")
         return ex.settlement
 
     def _cost(self, provider: str, models: tuple[str, ...], usage: Usage) -> int:
@@ -488,6 +535,17 @@ class Proxy:
                 if cost is not None:
                     return cost
         return 0
+
+
+def _broke_off(ex: Exchange, exc: BaseException, message: str) -> ProxyError:
+    """A request sent upstream whose answer never came whole. Its usage is unknown, so a
+    limited key is charged its hold, the upper bound (as for a stream that ends early); a key
+    without limits held nothing and is charged nothing. A silence past the read timeout is a
+    504, anything else a 502."""
+    ex.charge_zero = not ex.limited
+    if isinstance(exc, TimeoutError):
+        return ProxyError("upstream_timeout", message)
+    return ProxyError("upstream_unavailable", message)
 
 
 def _refusal(exc: Refused, model: str) -> ProxyError:
@@ -544,6 +602,26 @@ def _find_token(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
             if k == "key" and v:
                 return v
     return None
+
+
+def _forwarded_headers(headers: dict[bytes, bytes]) -> list[tuple[str, str]]:
+    """The client's headers that go on to the provider, checked before anything is reserved."""
+    forward = []
+    size = 0
+    for name, value in headers.items():
+        if name in DROP_REQUEST_HEADERS:
+            continue
+        if UNSENDABLE.search(value):
+            # The header is not named: it is the client's input and may hold anything.
+            raise ProxyError("invalid_header", "A request header holds a control character.")
+        size += len(name) + len(value)
+        forward.append((name.decode("latin-1"), value.decode("latin-1")))
+    if size > MAX_FORWARDED_HEADER_BYTES:
+        raise ProxyError(
+            "headers_too_large",
+            f"Request headers are limited to {MAX_FORWARDED_HEADER_BYTES} bytes.",
+        )
+    return forward
 
 
 def _upstream_query(query_string: bytes) -> list[tuple[str, str]]:

@@ -3,11 +3,13 @@
 Lifecycle of one stream: OPEN (headers sent) -> RELAYING (events pass through as the bytes
 the provider sent, cut only at event boundaries) -> DONE (upstream ended) or CUT (upstream
 failed mid-stream: the client gets a terminating error event) or GONE (the client left: the
-caller cancels the relay, and the upstream response is released in ``finally``).
+caller cancels the relay, and the upstream response is released in ``finally``) or STALLED (the
+client stopped reading: a send waited past the write timeout; handled as GONE).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -51,6 +53,73 @@ class EventSplitter:
 
 class UpstreamCut(Exception):
     """The upstream stream broke before it ended."""
+
+
+class ClientStalled(Exception):
+    """The client took none of the response for the write timeout: it stopped reading."""
+
+
+class WriteDeadline:
+    """A response's ``send``, bounded: a send that waits ``seconds`` raises ClientStalled.
+
+    hypercorn's send waits (transport drain) while the client's socket buffers are full, and
+    aiohttp stops its read timeout while an upstream response is not being read: without this,
+    a client that stops reading would hold its stream's upstream connection for good.
+
+    One timer per response, re-armed only when it fires, instead of one per send: a send just
+    notes when it began (asyncio.timeout per send would cost about what relaying an event
+    does). The timer cancels the task whose send is overdue; that send turns the cancellation
+    into ClientStalled (never a TimeoutError: relay_events reads those as the upstream's).
+    """
+
+    __slots__ = ("_cancelling", "_expired", "_loop", "_seconds", "_send", "_since", "_task",
+                 "_timer")  # fmt: skip
+
+    def __init__(self, send: Send, seconds: float) -> None:
+        self._send = send
+        self._seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None  # when the send under way began
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def __call__(self, message: MutableMapping[str, Any]) -> None:
+        if self._expired:
+            raise ClientStalled(f"took nothing for {self._seconds:g} s")
+        task = self._task = asyncio.current_task()
+        assert task is not None
+        self._cancelling = task.cancelling()
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self._seconds, self._check)
+        try:
+            await self._send(message)
+        except asyncio.CancelledError:
+            # Ours is undone; a cancellation from elsewhere (the client left) goes on.
+            if not self._expired or task.uncancel() > self._cancelling:
+                raise
+            raise ClientStalled(f"took nothing for {self._seconds:g} s") from None
+        finally:
+            self._since = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:
+            return  # no send under way: the next one arms the timer again
+        due = self._since + self._seconds
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+        elif self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        """The response is over: drop the timer (it holds this object until it fires)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 async def relay_events(upstream: aiohttp.ClientResponse, send: Send, meter: StreamMeter) -> None:

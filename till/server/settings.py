@@ -34,6 +34,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     upstream_google: str = DEFAULT_UPSTREAMS["google"]
     # Requests: bodies past this size get 413 before they are read in full.
     max_body_bytes: int = 32 * 1024 * 1024
+    # Slow clients. A connection gets idle_timeout seconds to send a request's headers (after
+    # it opens, or after the previous response: hypercorn's keep-alive timer covers both), then
+    # body_timeout seconds for the whole body (408), then write_timeout seconds for each piece
+    # of the response it is sent (a client that stops reading is dropped).
+    idle_timeout: float = 75.0
+    body_timeout: float = 60.0
+    write_timeout: float = 60.0
+    # Open streams per worker; more get 503 with Retry-After before anything is reserved.
+    max_streams: int = 2000
+    # On SIGTERM: stop accepting, give open requests this long to finish, settle, exit.
+    graceful_timeout: float = 30.0
     # Upstream: connect, and the longest silence between two bytes of a response.
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 300.0
@@ -73,6 +84,11 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_UPSTREAM_ANTHROPIC": ("upstream_anthropic", str),
     "TILL_UPSTREAM_GOOGLE": ("upstream_google", str),
     "TILL_MAX_BODY_BYTES": ("max_body_bytes", int),
+    "TILL_IDLE_TIMEOUT": ("idle_timeout", float),
+    "TILL_BODY_TIMEOUT": ("body_timeout", float),
+    "TILL_WRITE_TIMEOUT": ("write_timeout", float),
+    "TILL_MAX_STREAMS": ("max_streams", int),
+    "TILL_GRACEFUL_TIMEOUT": ("graceful_timeout", float),
     "TILL_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", float),
     "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
@@ -126,6 +142,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_WORKERS must be at least 1")
     if s.max_body_bytes < 1024:
         raise SettingsError("TILL_MAX_BODY_BYTES must be at least 1024")
+    if s.max_streams < 1:
+        raise SettingsError("TILL_MAX_STREAMS must be at least 1")
     if s.hold_seconds < 1:
         raise SettingsError("TILL_HOLD_SECONDS must be at least 1")
     if s.reap_interval <= 0:
@@ -134,7 +152,10 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_HIDDEN_INPUT_TOKENS must not be negative")
     if s.default_max_output_tokens < 1:
         raise SettingsError("TILL_DEFAULT_MAX_OUTPUT_TOKENS must be at least 1")
-    for name in ("redis_timeout", "upstream_connect_timeout", "upstream_read_timeout"):
+    for name in (
+        "redis_timeout", "upstream_connect_timeout", "upstream_read_timeout",
+        "idle_timeout", "body_timeout", "write_timeout", "graceful_timeout",
+    ):  # fmt: skip
         if getattr(s, name) <= 0:
             raise SettingsError(f"TILL_{name.upper()} must be positive")
     for provider in DEFAULT_UPSTREAMS:

@@ -27,6 +27,7 @@ import msgspec
 
 from till.server.pricing import Usage
 from till.server.providers.base import (
+    DECODE_ERRORS,
     Body,
     RequestInfo,
     Route,
@@ -35,6 +36,7 @@ from till.server.providers.base import (
     field_int,
     field_obj,
     field_str,
+    repeats_fields,
     sse_data,
 )
 from till.server.providers.openai import OPENAI_FORMAT
@@ -103,13 +105,16 @@ def _is_usage_event(event: bytes) -> bool:
 class MessagesMeter:
     """Messages streams: message_start has the model and input counts, message_delta the
     cumulative output (and may repeat input counts). Usage is known once message_delta came;
-    a stream cut before it leaves usage unknown, and the hold is charged. Nothing is withheld.
+    a stream cut before it leaves usage unknown: a limited key is charged its hold, a key
+    without limits what message_start counted. Nothing is withheld.
     """
 
     sse = True
+    trailer = b""
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
+        self.partial: Usage | None = None
         self.model = ""
         self._latest = _Usage()
 
@@ -118,16 +123,18 @@ class MessagesMeter:
             return True
         try:
             view = _event_view.decode(sse_data(event))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return True
         if view.type == "message_start" and view.message is not None:
             self.model = view.message.model or self.model
             if view.message.usage is not None:
                 self._merge(view.message.usage)
+                self.partial = _counts(self._latest)
         elif view.type == "message_delta" and view.usage is not None:
             self._merge(view.usage)
+            self.partial = _counts(self._latest)
             if view.usage.output_tokens is not None:
-                self.usage = _counts(self._latest)
+                self.usage = self.partial
         return True
 
     def _merge(self, u: _Usage) -> None:
@@ -158,10 +165,11 @@ class AnthropicFormat:
         return info
 
     def rewrite(self, route: Route, body: Body, info: RequestInfo, grant: int) -> bool:
+        # A body that named a field twice is forwarded re-encoded: the copies Till read.
         if route.kind != "messages" or grant < 0:
-            return False
+            return repeats_fields(body)
         if 0 <= info.asked_output <= grant:
-            return False
+            return repeats_fields(body)
         # Also when max_tokens is absent or unreadable to us: whatever the upstream would make
         # of it, what it forwards is a cap the key can pay for.
         body["max_tokens"] = msgspec.Raw(str(grant).encode())
@@ -183,7 +191,7 @@ class AnthropicFormat:
             return None, ""
         try:
             view = _message_view.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return None, ""
         if view.usage is None or view.usage.output_tokens is None:
             return None, view.model

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -16,31 +17,115 @@ _int_decoder = msgspec.json.Decoder(int | None)
 _bool_decoder = msgspec.json.Decoder(bool | None)
 _str_decoder = msgspec.json.Decoder(str | None)
 _obj_decoder = msgspec.json.Decoder(dict[str, Any] | None)
+_key_decoder = msgspec.json.Decoder(str)
 encode = msgspec.json.encode
+
+# What reading untrusted JSON (a client's body, a provider's answer) may raise: msgspec's errors
+# (ValidationError is a DecodeError), invalid UTF-8 in a string it decodes, and nesting deeper
+# than its limit. Every reader here catches all three: a hostile body is a 400, never a 500.
+DECODE_ERRORS: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+# Counts and caps above this (int32, what every provider takes) are not read as numbers: a limited
+# key's request then gets its cap written over them. It also keeps what the reservation computes
+# from them (cap x generations, default x generations) exact in the store's scripts (2**53).
+MAX_FIELD_INT: Final = 2**31 - 1
+# The most output a request is taken to ask for in total (a cap times its generations).
+MAX_ASKED_OUTPUT: Final = 2**40
+# Top-level fields a body may have (no provider's request has a hundred): keeps the check for
+# repeated names cheap.
+MAX_FIELDS: Final = 4096
+_SPACE: Final = re.compile(rb"[ \t\n\r]*")
+_STRING: Final = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
 class BadRequest(Exception):
     """The client's body cannot be read; answered 400 in the provider's dialect."""
 
 
+class RepeatedFields(dict[str, msgspec.Raw]):
+    """A body whose JSON named a top-level field more than once. The decoder kept the last copy,
+    the one Till reads; a provider reading the first would see another model, cap or stream
+    flag than the one budgeted for. So ``rewrite`` reports such a body changed whatever else it
+    does, and the proxy forwards it re-encoded: one copy of each field, the one Till read."""
+
+
 def decode_body(data: bytes) -> Body:
-    """Top-level fields only: everything below stays raw bytes and is forwarded untouched."""
+    """Top-level fields only: everything below stays raw bytes and is forwarded untouched.
+
+    Refused: anything but one JSON object in UTF-8 (msgspec checks the UTF-8 of the strings it
+    decodes, not of the values it keeps raw) and more than MAX_FIELDS fields. A body naming a
+    field twice comes back as ``RepeatedFields``.
+    """
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("request body is not valid UTF-8") from None
     try:
-        return _body_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        body = _body_decoder.decode(data)
+    except DECODE_ERRORS as exc:
         raise BadRequest(f"request body is not a JSON object: {exc}") from None
+    if len(body) > MAX_FIELDS:
+        raise BadRequest(f"request body has more than {MAX_FIELDS} top-level fields")
+    if _names_a_field_twice(data, body):
+        return RepeatedFields(body)
+    return body
+
+
+def repeats_fields(body: Body) -> bool:
+    """Whether ``body`` must be re-encoded to forward only the copies Till read."""
+    return isinstance(body, RepeatedFields)
+
+
+def _names_a_field_twice(data: bytes, body: Body) -> bool:
+    """Whether the object in ``data`` (valid JSON, decoded as ``body``) repeats a field name.
+
+    The decoder keeps each name's last value. Walking the fields in order, each name must be new
+    and be followed by exactly the value kept for it (``Raw`` holds its bytes); a repeated name
+    fails one or the other. A JSON value cannot be extended (a string ends at its quote, an
+    array at its bracket, a number before the comma), so a walk that goes through is the
+    object's only reading. Linear: one memcmp per value, a regex per key.
+    """
+    seen: set[str] = set()
+    pos = _skip_space(data, _skip_space(data, 0) + 1)  # past "{"
+    while True:
+        if data.startswith(b"}", pos):
+            return False  # {}
+        token = _STRING.match(data, pos)
+        if token is None:
+            return True  # not where a name must be: the walk went wrong, so a field repeats
+        name = _key_decoder.decode(token.group())
+        if name in seen or name not in body:
+            return True
+        seen.add(name)
+        pos = _skip_space(data, _skip_space(data, token.end()) + 1)  # past ":"
+        value = body[name]
+        if not data.startswith(value, pos):
+            return True  # the kept value is a later copy's
+        pos = _skip_space(data, pos + len(value))
+        if data.startswith(b"}", pos):
+            return False
+        if not data.startswith(b",", pos):
+            return True
+        pos = _skip_space(data, pos + 1)
+
+
+def _skip_space(data: bytes, pos: int) -> int:
+    match = _SPACE.match(data, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
 
 
 def field_int(body: Body, name: str) -> int | None:
-    """A non-negative integer field, or None when absent, null or not a plain integer."""
+    """A non-negative integer field, or None when absent, null, not a plain integer, or above
+    MAX_FIELD_INT."""
     raw = body.get(name)
     if raw is None:
         return None
     try:
         value = _int_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return None
-    return value if value is not None and value >= 0 else None
+    return value if value is not None and 0 <= value <= MAX_FIELD_INT else None
 
 
 def field_bool(body: Body, name: str) -> bool:
@@ -49,7 +134,7 @@ def field_bool(body: Body, name: str) -> bool:
         return False
     try:
         return bool(_bool_decoder.decode(raw))
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return False
 
 
@@ -59,7 +144,7 @@ def field_str(body: Body, name: str) -> str:
         return ""
     try:
         return _str_decoder.decode(raw) or ""
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except DECODE_ERRORS:
         return ""
 
 
@@ -69,7 +154,7 @@ def field_obj(body: Body, name: str) -> dict[str, Any]:
         return {}
     try:
         return _obj_decoder.decode(raw) or {}
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return {}
 
 
@@ -97,9 +182,20 @@ class StreamMeter(Protocol):
     chunks as they pass (``observe``), for streams that are not cut into events.
     """
 
+    # The stream's usage once known in full; None until then.
     usage: Usage | None
     model: str
     sse: bool
+
+    @property
+    def partial(self) -> Usage | None:
+        """Usage seen so far, for a stream cut before ``usage`` (charged to a key without
+        limits); None when the stream reports usage only at its end."""
+
+    @property
+    def trailer(self) -> bytes:
+        """An ending event ``keep`` withheld, sent after settlement: a client may stop reading
+        at it, and a read of the key after the call must see the call's cost."""
 
     def keep(self, event: bytes) -> bool:
         """Whether to pass this complete SSE event to the client (False: withhold it)."""

@@ -39,7 +39,16 @@ from urllib.parse import parse_qsl
 import msgspec
 
 from till.server.pricing import Usage
-from till.server.providers.base import Body, RequestInfo, Route, encode, field_obj, sse_data
+from till.server.providers.base import (
+    DECODE_ERRORS,
+    Body,
+    RequestInfo,
+    Route,
+    encode,
+    field_obj,
+    repeats_fields,
+    sse_data,
+)
 from till.server.providers.openai import OPENAI_FORMAT
 
 # Route kinds. The streamed kinds say which framing the client asked for (``alt=sse``).
@@ -81,8 +90,10 @@ STATUS_NAMES: Final[dict[int, str]] = {
     403: "PERMISSION_DENIED",
     404: "NOT_FOUND",
     405: "NOT_FOUND",
+    408: "DEADLINE_EXCEEDED",
     409: "ABORTED",
     413: "INVALID_ARGUMENT",
+    431: "INVALID_ARGUMENT",
     422: "INVALID_ARGUMENT",
     429: "RESOURCE_EXHAUSTED",
     501: "NOT_IMPLEMENTED",
@@ -153,17 +164,22 @@ class GeminiSSEMeter:
     """``alt=sse`` streams: every event carries the usage so far; the latest one counts."""
 
     sse = True
+    trailer = b""
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.model = ""
+
+    @property
+    def partial(self) -> Usage | None:
+        return self.usage  # every event carries the usage so far
 
     def keep(self, event: bytes) -> bool:
         if b'"usageMetadata"' not in event:
             return True
         try:
             view = _response_view.decode(sse_data(event))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return True
         if view.usage_metadata is not None:
             usage = _usage(view.usage_metadata)
@@ -199,6 +215,7 @@ class GeminiJSONArrayMeter:
     """
 
     sse = False
+    trailer = b""
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
@@ -210,6 +227,10 @@ class GeminiJSONArrayMeter:
         self._pending_key = b""  # the last string read at element depth
         self._key = b""  # the key whose value comes next (after ':')
         self._capture: bytearray | None = None  # the usageMetadata object being read
+
+    @property
+    def partial(self) -> Usage | None:
+        return self.usage  # every response element carries the usage so far
 
     def keep(self, event: bytes) -> bool:  # pragma: no cover - not SSE
         raise NotImplementedError
@@ -294,7 +315,7 @@ class GeminiJSONArrayMeter:
     def _usage_object(self, data: bytes) -> None:
         try:
             meta = _usage_metadata.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return
         usage = _usage(meta)
         if usage is not None:
@@ -382,14 +403,14 @@ def _names_a_file(raw: bytes) -> bool:
         return False  # a key can only hide from the byte test behind a \u escape
     try:
         return _has_key(_any_decoder.decode(raw), _FILE_KEYS)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return True  # unreadable: assume the worst (Google will most likely refuse it)
 
 
 def _server_tools(raw: msgspec.Raw) -> bool:
     try:
         tools = _tools_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+    except DECODE_ERRORS:
         return True
     return any(not _CLIENT_TOOLS.issuperset(tool) for tool in tools or ())
 
@@ -438,7 +459,8 @@ class GeminiFormat:
 
     def rewrite(self, route: Route, body: Body, info: RequestInfo, grant: int) -> bool:
         if grant < 0 or route.kind not in GENERATE_KINDS:
-            return False
+            # A body that named a field twice is forwarded re-encoded: the copies Till read.
+            return repeats_fields(body)
         per = max(1, grant // info.generations)
         configs = _objects(body, _GEN_CONFIG) or {"generationConfig": {}}
         for name, config in configs.items():
@@ -466,7 +488,7 @@ class GeminiFormat:
     def usage(self, route: Route, data: bytes) -> tuple[Usage | None, str]:
         try:
             view = _response_view.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return None, ""
         if view.usage_metadata is None:
             return None, ""  # embeddings: the hold (the input estimate) is charged

@@ -13,6 +13,8 @@ import msgspec
 
 from till.server.pricing import Usage
 from till.server.providers.base import (
+    DECODE_ERRORS,
+    MAX_ASKED_OUTPUT,
     Body,
     RequestInfo,
     Route,
@@ -21,6 +23,7 @@ from till.server.providers.base import (
     field_int,
     field_obj,
     field_str,
+    repeats_fields,
     sse_data,
 )
 
@@ -37,6 +40,18 @@ _MODEL_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 # The legacy completions endpoint writes 16 tokens when max_tokens is absent.
 COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+# Where each kind keeps its per-generation output cap (the first is set when none is), and
+# its count of generations.
+CAP_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    # Reasoning models accept only max_completion_tokens.
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
+GENERATION_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "chat": ("n",),
+    "completions": ("n", "best_of"),
+}
 
 
 class _Details(msgspec.Struct):
@@ -99,17 +114,23 @@ class ChatMeter:
 
     sse = True
 
+    partial = None
+
     def __init__(self, wants_usage: bool) -> None:
         self.usage: Usage | None = None
         self.model = ""
+        self.trailer = b""
         self._wants_usage = wants_usage
 
     def keep(self, event: bytes) -> bool:
+        if b"[DONE]" in event and sse_data(event).strip() == b"[DONE]":
+            self.trailer = event
+            return False
         if not _has_usage(event):
             return True
         try:
             view = _chat_view.decode(sse_data(event))
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return True
         if view.usage is None:
             return True
@@ -127,6 +148,9 @@ class ResponsesMeter:
 
     sse = True
 
+    partial = None
+    trailer = b""
+
     def __init__(self) -> None:
         self.usage: Usage | None = None
         self.model = ""
@@ -135,7 +159,7 @@ class ResponsesMeter:
         if _has_usage(event):
             try:
                 view = _responses_event.decode(sse_data(event))
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except DECODE_ERRORS:
                 return True
             if view.response is not None and view.response.usage is not None:
                 self.usage = _responses_usage(view.response.usage)
@@ -175,36 +199,45 @@ class OpenAIFormat:
             info.hidden_input = "previous_response_id" in body or "conversation" in body
         else:  # embeddings produce no output tokens
             per = 0
-        info.asked_output = -1 if per is None else per * info.generations
+        info.asked_output = -1 if per is None else min(per * info.generations, MAX_ASKED_OUTPUT)
         if info.stream and route.kind in ("chat", "completions"):
             options = field_obj(body, "stream_options")
             info.wants_stream_usage = options.get("include_usage") is True
         return info
 
     def rewrite(self, route: Route, body: Body, info: RequestInfo, grant: int) -> bool:
-        changed = False
+        """Every cap field the request has, and every count of generations, is brought within
+        what was budgeted: a readable one above it is lowered, an unreadable one (a string, a
+        float, a negative or huge number, which a lenient upstream might still read as a
+        number) is written over; a request without a cap gets one. A field the request set
+        lower is kept: with both chat caps, the client's smaller one stays, the other is lowered.
+        """
+        changed = repeats_fields(body)
         if info.stream and not info.wants_stream_usage:
             options = field_obj(body, "stream_options")
             options["include_usage"] = True
             body["stream_options"] = msgspec.Raw(encode(options))
             changed = True
-        if grant < 0 or route.kind == "embeddings":
-            return changed
+        fields = CAP_FIELDS.get(route.kind)
+        if grant < 0 or fields is None:
+            return changed  # no limit, or no output (embeddings)
+        for name in GENERATION_FIELDS.get(route.kind, ()):
+            if name in body and not _within(field_int(body, name), info.generations):
+                body[name] = msgspec.Raw(str(info.generations).encode())
+                changed = True
         per = grant // info.generations
-        if info.asked_output >= 0 and per * info.generations >= info.asked_output:
-            return changed
         cap = msgspec.Raw(str(per).encode())
-        if route.kind == "chat":
-            # Reasoning models accept only max_completion_tokens; keep the client's choice when
-            # it made one, and lower both when it sent both.
-            named = [f for f in ("max_completion_tokens", "max_tokens") if f in body]
-            for f in named or ["max_completion_tokens"]:
-                body[f] = cap
-        elif route.kind == "completions":
-            body["max_tokens"] = cap
-        elif route.kind == "responses":
-            body["max_output_tokens"] = cap
-        return True
+        present = [f for f in fields if f in body]
+        for name in present:
+            if not _within(field_int(body, name), per):
+                body[name] = cap
+                changed = True
+        if not present and not (
+            route.kind == "completions" and per >= COMPLETIONS_DEFAULT_MAX_TOKENS
+        ):
+            body[fields[0]] = cap
+            changed = True
+        return changed
 
     def usage(self, route: Route, data: bytes) -> tuple[Usage | None, str]:
         try:
@@ -213,7 +246,7 @@ class OpenAIFormat:
                 return (_responses_usage(rv.usage) if rv.usage else None), rv.model
             cv = _chat_view.decode(data)
             return (_chat_usage(cv.usage) if cv.usage else None), cv.model
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except DECODE_ERRORS:
             return None, ""
 
     def meter(self, route: Route, info: RequestInfo) -> ChatMeter | ResponsesMeter:
@@ -237,6 +270,10 @@ class OpenAIFormat:
         return encode(
             {"error": {"message": message, "type": kind, "param": None, "code": code, **extra}}
         )
+
+
+def _within(value: int | None, bound: int) -> bool:
+    return value is not None and value <= bound
 
 
 def _min_set(*values: int | None) -> int | None:
