@@ -6,6 +6,7 @@ Each Till server's log is scanned when it stops: a key in any log line fails the
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -234,6 +235,22 @@ def own_till(
             server.stop()
         assert_no_secrets(server.log)
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Till code run in the test process (ledger, proxy units) logs no key either; the servers'
+    own logs are scanned when they stop (assert_no_secrets)."""
+    caplog.set_level(logging.INFO, logger="till")
+    yield
+    formatter = logging.Formatter()
+    leaks = [
+        formatter.format(record)
+        for when in ("setup", "call")
+        for record in caplog.get_records(when)
+        if record.name.startswith("till") and SECRET_PATTERN.search(formatter.format(record))
+    ]
+    assert not leaks, f"secret material logged: {leaks[:3]}"
 
 
 @pytest.fixture(scope="session")

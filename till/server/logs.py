@@ -13,13 +13,23 @@ SECRET = re.compile(r"\b(?:till_sk_|till_admin_|sk-|AIza)[A-Za-z0-9._~%+/=-]*")
 
 
 class RedactSecrets(logging.Filter):
-    """Masks keys in every record the handler writes, whichever logger it came from."""
+    """Masks keys in every record the handler writes, whichever logger it came from: the
+    message, and the traceback (an exception's message may quote its input)."""
+
+    _traceback = logging.Formatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         redacted = SECRET.sub("<redacted>", message)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # The formatter uses exc_text when it is set: it gets the masked one.
+            record.exc_text = self._traceback.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = SECRET.sub("<redacted>", record.exc_text)
+        if record.stack_info:
+            record.stack_info = SECRET.sub("<redacted>", record.stack_info)
         return True
 
 
