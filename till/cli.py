@@ -218,6 +218,55 @@ def cmd_secrets_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _change_keyring(args: argparse.Namespace, change: Callable[[Any], Any]) -> int:
+    """Rotate or retire: read the keyring Till serves with, change it, print it (env var form)
+    or write it back into the embedded store's key file (--write)."""
+    from till.server.keyfile import keyfile_path, load_keyring, replace_keyfile
+    from till.server.settings import SettingsError
+    from till.tokens import KeyringError
+
+    try:
+        settings = _server_settings()
+        path = keyfile_path(settings)
+        if args.write and path is None:
+            return _fail(
+                "--write updates the embedded store's key file; this keyring comes from "
+                "TILL_SECRET_KEYS: set the printed value there instead"
+            )
+        if path is not None and not path.exists():
+            return _fail(f"no keyring in {path}: start Till once, or set TILL_SECRET_KEYS")
+        keyring = change(load_keyring(settings))
+    except (SettingsError, KeyringError) as exc:
+        return _fail(str(exc))
+    if args.write:
+        assert path is not None
+        replace_keyfile(path, keyring)
+        print(f"wrote {path}: {', '.join(keyring.kids)} (restart Till to use it)", file=sys.stderr)
+    else:
+        print(keyring.format())
+    return EXIT_OK
+
+
+def cmd_secrets_add(args: argparse.Namespace) -> int:
+    return _change_keyring(args, lambda keyring: keyring.added(args.kid))
+
+
+def cmd_secrets_promote(args: argparse.Namespace) -> int:
+    return _change_keyring(args, lambda keyring: keyring.promoted(args.kid))
+
+
+def cmd_secrets_rotate(args: argparse.Namespace) -> int:
+    def rotate(keyring: Any) -> Any:
+        added = keyring.added(args.kid)
+        return added.promoted(added.kids[-1])
+
+    return _change_keyring(args, rotate)
+
+
+def cmd_secrets_retire(args: argparse.Namespace) -> int:
+    return _change_keyring(args, lambda keyring: keyring.without(args.kid))
+
+
 # --- till keys / till account (through the SDK) ---
 
 
@@ -535,6 +584,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen = ssub.add_parser("generate", help="print a new keyring entry for TILL_SECRET_KEYS")
     gen.add_argument("--kid", default="k1", help="key id for the entry (default k1)")
     gen.set_defaults(func=cmd_secrets_generate)
+    write_help = "write the embedded store's key file instead of printing (then restart Till)"
+    source = (
+        "Reads the keyring Till uses (TILL_SECRET_KEYS, or the embedded store's key file) and "
+        "prints the changed one for TILL_SECRET_KEYS (or writes the file with --write). "
+    )
+    steps = {
+        "add": (cmd_secrets_add, "add a new key at the end: it opens tokens, seals none yet",
+                "Step 1 of a rolling rotation: give the result to every worker, then promote."),
+        "promote": (cmd_secrets_promote, "put KID first: new tokens are sealed with it",
+                    "Step 2: once every worker has the key, put it first everywhere."),
+        "rotate": (cmd_secrets_rotate, "add and promote a new key in one step",
+                   "For one server, or when every worker restarts at once; with rolling "
+                   "restarts use add, then promote, so no worker meets a token it cannot open."),
+        "retire": (cmd_secrets_retire, "drop KID: tokens sealed with it stop working (401)",
+                   "Last step, when no token sealed with KID should work any more."),
+    }  # fmt: skip
+    for name, (func, summary, detail) in steps.items():
+        step = ssub.add_parser(name, help=summary, description=source + detail)
+        if name in ("add", "rotate"):
+            step.add_argument("--kid", help="key id of the new key (default: the next free kN)")
+        else:
+            step.add_argument("kid", metavar="KID")
+        step.add_argument("--write", action="store_true", help=write_help)
+        step.set_defaults(func=func)
 
     _add_keys_parsers(sub)
     return parser

@@ -200,6 +200,36 @@ class Keyring:
             for kid, key in self._keys
         )
 
+    def added(self, kid: str | None = None) -> Keyring:
+        """This keyring with a new key at the end: tokens sealed with it open, but it seals
+        nothing yet (the first step of a rolling rotation). ``kid`` defaults to the next free
+        ``k<N>``."""
+        if kid is None:
+            n = len(self._keys) + 1
+            while f"k{n}" in self.kids:
+                n += 1
+            kid = f"k{n}"
+        return Keyring([*self._keys, (kid, os.urandom(_KEY_BYTES))])
+
+    def promoted(self, kid: str) -> Keyring:
+        """This keyring with ``kid`` in front: new tokens are sealed with it; tokens sealed
+        with the others still open."""
+        self._check_has(kid)
+        return Keyring(sorted(self._keys, key=lambda entry: entry[0] != kid))
+
+    def _check_has(self, kid: str) -> None:
+        if kid not in self.kids:
+            raise KeyringError(f"no key {kid!r} in the keyring (it has {', '.join(self.kids)})")
+
+    def without(self, kid: str) -> Keyring:
+        """This keyring with ``kid`` retired: tokens sealed with it no longer open."""
+        self._check_has(kid)
+        if kid == self.primary_kid:
+            raise KeyringError(
+                f"{kid!r} seals new tokens: promote another key first, then retire this one"
+            )
+        return Keyring([(k, v) for k, v in self._keys if k != kid])
+
     @property
     def kids(self) -> tuple[str, ...]:
         return tuple(kid for kid, _ in self._keys)

@@ -31,6 +31,26 @@ def load_keyring(settings: Settings) -> Keyring:
     return _file_keyring(Path(settings.data_dir) / KEYFILE_NAME)
 
 
+def keyfile_path(settings: Settings) -> Path | None:
+    """The generated keyring's file, when the keyring comes from one (embedded store, no
+    TILL_SECRET_KEYS); None when it is given in the environment."""
+    if settings.secret_keys or not settings.embedded:
+        return None
+    return Path(settings.data_dir) / KEYFILE_NAME
+
+
+def replace_keyfile(path: Path, keyring: Keyring) -> None:
+    """Write a new keyring over the file, atomically (a worker starting meanwhile reads the
+    old one or the new one, never half of one), mode 0600 from the start."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(keyring.format() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 def _file_keyring(path: Path) -> Keyring:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
