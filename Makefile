@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8787
 
-.PHONY: install run test lint fmt typecheck bench bench-quick profile soak compat clean
+.PHONY: install run test deploy-test lint fmt typecheck bench bench-quick profile soak compat clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: $(STAMP)
 
 test: $(STAMP) $(COMPAT)/.installed
 	TILL_COMPAT_PYTHON=$(CURDIR)/$(COMPAT)/bin/python $(BIN)/pytest
+
+# The compose topology with local processes (deploy/README.md, "make deploy-test"): Debian's
+# nginx with deploy/nginx.conf, three `till serve`, redis-server with AOF. Prints its figures.
+deploy-test: $(STAMP)
+	$(BIN)/pytest -m deploy -s -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,9 +1,11 @@
 """Till's central promise across instances: three `till serve` behind nginx, one Redis.
 
-The deployment a team runs: Debian's nginx with the shipped deploy/nginx.conf in front of three
-Till instances that share one Redis server and one keyring. Through it, limits stay exact under
-a burst (SECURITY.md P6), token and cent budgets hold with streams in the mix (P7), streams
-reach the client unbuffered, and a revocation is seen by every instance at once (P5).
+The deployment a team runs (deploy/docker-compose.yml, with local processes: tests/lb.py):
+Debian's nginx with the shipped deploy/nginx.conf in front of three Till instances that share
+one Redis server (AOF on, as compose runs it) and one keyring. Through it, requests spread over
+every instance, limits stay exact under a burst (SECURITY.md P6), token and cent budgets hold
+with streams in the mix (P7), streams reach the client unbuffered, and a revocation is seen by
+every instance at once (P5). A worker killed under load: tests/server/test_deploy_topology.py.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
-import shutil
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,121 +23,48 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import redis
 
-from tests.conftest import (
-    Mock,
-    RedisServer,
-    Till,
-    assert_no_secrets,
-    short_tmpdir,
-    start_redis,
-    start_till,
-    stop_process,
-    till_env,
-)
-from tests.lb import Nginx, start_nginx
+from tests.conftest import Mock
+from tests.lb import CHAT, Cluster, bearer, compose_redis_flags, records_for, run_cluster
 from till.server.pricing import Pricer, Usage
-from till.tokens import Keyring
 
-INSTANCES = 3
+# `make deploy-test` runs these and tests/server/test_deploy_topology.py (`pytest -m deploy`).
+pytestmark = pytest.mark.deploy
+
 T = TypeVar("T")
 Result = tuple[int, str | None, bool]  # status, error code, streamed
-CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "Hello there"}]
-# Till's access log (TILL_ACCESS_LOG=1): `... till.access[pid]: ADDR "POST /path" STATUS ...`.
-ACCESS_LINE = re.compile(r'till\.access\[\d+\]: \S+ "POST /v1/chat/completions" (\d{3}) ')
-# nginx's (deploy/nginx.conf, log_format till): `... "POST /path HTTP/1.1" STATUS ... upstream=A`.
-NGINX_LINE = re.compile(r'"POST /v1/chat/completions HTTP/1\.1" (\d{3}) .* upstream=(\S+) ')
-
-
-@dataclass
-class Cluster:
-    nginx: Nginx
-    instances: list[Till]
-    redis: RedisServer
-    admin_key: str
-
-    def admin(self) -> httpx.Client:
-        """The admin API, through nginx like every client."""
-        return httpx.Client(
-            base_url=self.nginx.url,
-            headers={"authorization": f"Bearer {self.admin_key}"},
-            timeout=30,
-        )
-
-    def new_key(self, name: str, **fields: object) -> tuple[dict[str, Any], str]:
-        """A key on its own upstream key, so the mock's records for it can be told apart."""
-        upstream_key = f"sk-test-lb-{name}-0123456789abcdef"
-        body = {"provider": "openai", "upstream_key": upstream_key, **fields}
-        with self.admin() as admin:
-            resp = admin.post("/admin/keys", json=body)
-        assert resp.status_code == 201, resp.text
-        key: dict[str, Any] = resp.json()["key"]
-        return key, upstream_key
-
-    def read_key(self, key_id: object) -> dict[str, Any]:
-        with self.admin() as admin:
-            resp = admin.get(f"/admin/keys/{key_id}")
-        assert resp.status_code == 200, resp.text
-        key: dict[str, Any] = resp.json()["key"]
-        return key
-
-    def log_sizes(self) -> list[int]:
-        return [till.log.stat().st_size for till in self.instances]
-
-    def access_statuses(self, since: list[int]) -> list[list[int]]:
-        """Each instance's chat statuses logged since `since` (from log_sizes)."""
-        found = []
-        for till, offset in zip(self.instances, since, strict=True):
-            with till.log.open("rb") as fh:
-                fh.seek(offset)
-                text = fh.read().decode(errors="replace")
-            found.append([int(m[1]) for m in ACCESS_LINE.finditer(text)])
-        return found
 
 
 @pytest.fixture(scope="module")
 def cluster(mock_upstream: Mock, log_dir: Path) -> Iterator[Cluster]:
-    base = short_tmpdir("till-lb-")
-    stamp = time.monotonic_ns()
-    nginx_dir = log_dir / f"nginx-lb-{stamp}"  # kept with the Till logs, for a failed run
-    nginx_dir.mkdir()
-    redis = start_redis(base)
-    env = till_env(
-        base,
-        mock_upstream.url,
-        redis.url,
-        TILL_SECRET_KEYS=Keyring.generate("lb").format(),
-        # The cap Till sets on a request without one: small enough that a burst at a budget
-        # serves dozens of requests, not the one or two that 4,096-token holds would let in.
-        TILL_DEFAULT_MAX_OUTPUT_TOKENS="300",
+    # TILL_DEFAULT_MAX_OUTPUT_TOKENS: the cap Till sets on a request without one: small enough
+    # that a burst at a budget serves dozens of requests, not the one or two that 4,096-token
+    # holds would let in.
+    with run_cluster("lb", mock_upstream, log_dir, TILL_DEFAULT_MAX_OUTPUT_TOKENS="300") as c:
+        yield c
+
+
+def test_redis_runs_as_compose_sets_it_up(cluster: Cluster) -> None:
+    """The shared Redis has deploy/docker-compose.yml's settings: AOF on, fsync every second,
+    no eviction; and the append-only file is being written."""
+    flags = compose_redis_flags()
+    wanted = dict(zip(flags[::2], flags[1::2], strict=True))
+    assert {"--appendonly", "--appendfsync", "--maxmemory-policy"} <= set(wanted)
+    with redis.Redis.from_url(cluster.redis.url) as store:
+        for flag, value in wanted.items():
+            name = flag.removeprefix("--")
+            assert store.config_get(name) == {name: value}, name
+        persistence = store.info("persistence")
+    assert persistence["aof_enabled"] == 1 and persistence["aof_last_write_status"] == "ok"
+    aof = cluster.redis.dir / "appendonlydir"
+    written = sum(f.stat().st_size for f in aof.glob("*.incr.aof"))
+    print(
+        f"\nredis: {' '.join(flags)}; AOF {persistence['aof_current_size']} bytes, "
+        f"{written} in the incremental file"
     )
-    instances: list[Till] = []
-    nginx: Nginx | None = None
-    try:
-        for i in range(INSTANCES):
-            instances.append(start_till(env, log_dir / f"till-lb-{i}-{stamp}.log"))
-        nginx = start_nginx([t.url.removeprefix("http://") for t in instances], nginx_dir)
-        admin_key = instances[0].new_tenant("lb", plan="enterprise")
-        yield Cluster(nginx, instances, redis, admin_key)
-    finally:
-        try:
-            if nginx is not None:
-                nginx.stop()
-            for till in instances:
-                till.stop()
-            stop_process(redis.proc)
-        finally:
-            shutil.rmtree(base, ignore_errors=True)
-        for till in instances:
-            assert_no_secrets(till.log)
-        for log in (nginx_dir / "till-access.log", nginx_dir / "till-error.log"):
-            if log.exists():
-                assert_no_secrets(log)
-
-
-def records_for(mock: Mock, upstream_key: str) -> list[dict[str, Any]]:
-    return [r for r in mock.requests() if r.get("api_key") == upstream_key]
+    assert written > 0  # the tenant made at start-up is in it
 
 
 class Burst:
@@ -188,10 +115,6 @@ class Burst:
                 await http.aclose()
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
-
-
 # --- P6: activations ---
 
 
@@ -200,7 +123,7 @@ def test_activation_limit_is_exact_behind_nginx(cluster: Cluster, mock_upstream:
     key, upstream_key = cluster.new_key("activations", max_activations=50)
     token = str(key["scopedKey"])
     since = cluster.log_sizes()
-    nginx_since = cluster.nginx.access_log.stat().st_size
+    nginx_since = cluster.nginx_log_size()
 
     burst = Burst(cluster.nginx.url, fired)
 
@@ -241,13 +164,11 @@ def test_activation_limit_is_exact_behind_nginx(cluster: Cluster, mock_upstream:
     assert sum(served) == 50
     assert all(n >= fired // 10 for n in spread), spread
     # nginx's own log agrees, and never records a retry at a second instance.
-    with cluster.nginx.access_log.open("rb") as fh:
-        fh.seek(nginx_since)
-        lines = NGINX_LINE.findall(fh.read().decode())
-    assert len(lines) == fired
-    assert all("," not in upstream for _, upstream in lines)
-    by_upstream = Counter(upstream for _, upstream in lines)
-    assert sorted(by_upstream.values()) == sorted(spread)
+    entries = cluster.nginx_entries(nginx_since)
+    assert len(entries) == fired
+    assert all(len(entry.upstreams) == 1 for entry in entries)
+    by_upstream = Counter(entry.upstream for entry in entries)
+    assert [by_upstream[cluster.address(till)] for till in cluster.instances] == spread
 
 
 # --- P7: tokens and cents ---
