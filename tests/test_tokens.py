@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from till.server.admin import MAX_ALLOWED_MODELS, MAX_MODEL_PATTERN
 from till.tokens import (
     MAX_TOKEN_LENGTH,
     TOKEN_PREFIX,
@@ -162,7 +163,23 @@ def test_seal_rejects_unopenable_claims() -> None:
     with pytest.raises(ValueError, match="provider"):
         seal(KR1, make_claims(provider="azure"))
     with pytest.raises(ValueError, match="too large"):
-        seal(KR1, make_claims(allowed_models=("m" * 100,) * 20))
+        seal(KR1, make_claims(allowed_models=("m" * 100,) * 80))
+
+
+def test_the_largest_key_the_admin_api_takes_fits_in_a_token() -> None:
+    # Every field at the bound CreateKey puts on it, with the longest kid a keyring takes.
+    keyring = Keyring([("k" * 16, bytes(32))])
+    claims = make_claims(
+        upstream_key="x" * 512,
+        ip_whitelist=("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",) * 16,
+        expires_at=253402300799,  # 9999-12-31T23:59:59Z
+        allowed_models=("m" * MAX_MODEL_PATTERN,) * MAX_ALLOWED_MODELS,
+    )
+    token = seal(keyring, claims)
+    assert len(token) <= MAX_TOKEN_LENGTH
+    # With the header's name, one line within nginx's default 8 KiB buffer.
+    assert len(f"Authorization: Bearer {token}\r\n") <= 8192
+    assert unseal(keyring, token) == claims
 
 
 # --- malformed input ---------------------------------------------------------------------

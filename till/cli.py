@@ -334,6 +334,11 @@ def _print_key(key: ScopedKey) -> None:
         ("spend (cents)", _budget(key.used_spend_cents, key.max_spend_cents,
                                   key.remaining_spend_cents)),
         ("ip whitelist", ", ".join(key.ip_whitelist) or "any"),
+        ("models", ", ".join(key.allowed_models) if key.allowed_models else "any"),
+        ("expires", key.expires_at or "never"),
+        ("rate", f"{key.rpm} per minute" if key.rpm is not None else "no limit"),
+        ("concurrency", f"{key.in_flight} / {key.max_concurrent} in flight"
+                        if key.max_concurrent is not None else "no limit"),
         ("metadata", json.dumps(key.metadata) if key.metadata else "-"),
         ("created", key.created_at or "-"),
         ("last used", key.last_used_at or "never"),
@@ -384,6 +389,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             metadata=dict(args.metadata) if args.metadata else None,
             max_tokens=args.max_tokens,
             max_spend_cents=args.max_spend_cents,
+            expires_at=args.expires_at,
+            ttl_seconds=args.ttl,
+            allowed_models=args.model,
+            rpm=args.rpm,
+            max_concurrent=args.max_concurrent,
         )
         print("Scoped key (shown once, save it now; Till cannot show it again):", file=sys.stderr)
         if args.json:
@@ -533,6 +543,22 @@ def _add_keys_parsers(sub: Any) -> None:
         "--metadata", action="extend", nargs="+", type=_metadata_item, metavar="KEY=VALUE",
         help="metadata entries (string values)",
     )  # fmt: skip
+    create.add_argument(
+        "--model", action="extend", nargs="+", metavar="MODEL",
+        help="models the key may use: exact names or prefixes ending in * (quote them)",
+    )  # fmt: skip
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--ttl", type=_positive_int, metavar="SECONDS", help="the key expires this much later"
+    )
+    expiry.add_argument(
+        "--expires-at", metavar="TIME",
+        help="when the key expires, RFC 3339 with a timezone (2030-01-31T12:00:00Z)",
+    )  # fmt: skip
+    create.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute")
+    create.add_argument(
+        "--max-concurrent", type=_positive_int, metavar="N", help="requests in flight at once"
+    )
     create.set_defaults(func=cmd_keys_create)
 
     klist = ksub.add_parser("list", parents=[api], help="list the account's keys")

@@ -301,24 +301,10 @@ class _BaseClient:
 
 
 def _create_params(
-    provider: str,
-    upstream_key: str,
-    max_activations: int,
-    name: str | None,
-    ip_whitelist: list[str] | None,
-    metadata: dict[str, Any] | None,
-    max_tokens: int | None,
-    max_spend_cents: int | None,
+    provider: str, upstream_key: str, max_activations: int, **options: Any
 ) -> ScopedKeyCreate:
     return ScopedKeyCreate(
-        provider=provider,
-        upstream_key=upstream_key,
-        max_activations=max_activations,
-        name=name,
-        ip_whitelist=ip_whitelist,
-        metadata=metadata,
-        max_tokens=max_tokens,
-        max_spend_cents=max_spend_cents,
+        provider=provider, upstream_key=upstream_key, max_activations=max_activations, **options
     )
 
 
@@ -358,11 +344,24 @@ class TillClient(_BaseClient):
         metadata: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         max_spend_cents: int | None = None,
+        expires_at: datetime | str | None = None,
+        ttl_seconds: int | None = None,
+        allowed_models: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
     ) -> ScopedKey:
-        """Create a scoped key; its token is ``.scoped_key``, shown this once. Not retried."""
+        """Create a scoped key; its token is ``.scoped_key``, shown this once. Not retried.
+
+        ``expires_at`` (a timezone-aware datetime or RFC 3339 string) or ``ttl_seconds`` ends
+        the key at a time; ``allowed_models`` takes exact names and ``prefix*`` patterns;
+        ``rpm`` (requests per minute) and ``max_concurrent`` (requests in flight) are answered
+        with 429 and ``Retry-After`` past them.
+        """
         params = _create_params(
-            provider, upstream_key, max_activations, name,
-            ip_whitelist, metadata, max_tokens, max_spend_cents,
+            provider, upstream_key, max_activations, name=name, ip_whitelist=ip_whitelist,
+            metadata=metadata, max_tokens=max_tokens, max_spend_cents=max_spend_cents,
+            expires_at=expires_at, ttl_seconds=ttl_seconds, allowed_models=allowed_models,
+            rpm=rpm, max_concurrent=max_concurrent,
         )  # fmt: skip
         return self._request(self._create_key(params))
 
@@ -443,11 +442,24 @@ class AsyncTillClient(_BaseClient):
         metadata: dict[str, Any] | None = None,
         max_tokens: int | None = None,
         max_spend_cents: int | None = None,
+        expires_at: datetime | str | None = None,
+        ttl_seconds: int | None = None,
+        allowed_models: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
     ) -> ScopedKey:
-        """Create a scoped key; its token is ``.scoped_key``, shown this once. Not retried."""
+        """Create a scoped key; its token is ``.scoped_key``, shown this once. Not retried.
+
+        ``expires_at`` (a timezone-aware datetime or RFC 3339 string) or ``ttl_seconds`` ends
+        the key at a time; ``allowed_models`` takes exact names and ``prefix*`` patterns;
+        ``rpm`` (requests per minute) and ``max_concurrent`` (requests in flight) are answered
+        with 429 and ``Retry-After`` past them.
+        """
         params = _create_params(
-            provider, upstream_key, max_activations, name,
-            ip_whitelist, metadata, max_tokens, max_spend_cents,
+            provider, upstream_key, max_activations, name=name, ip_whitelist=ip_whitelist,
+            metadata=metadata, max_tokens=max_tokens, max_spend_cents=max_spend_cents,
+            expires_at=expires_at, ttl_seconds=ttl_seconds, allowed_models=allowed_models,
+            rpm=rpm, max_concurrent=max_concurrent,
         )  # fmt: skip
         return await self._request(self._create_key(params))
 

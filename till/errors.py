@@ -37,6 +37,9 @@ STATUS: Final[dict[str, int]] = {
     "token_limit_reached": 402,
     "spend_limit_reached": 402,
     "monthly_quota_reached": 402,
+    # rate and concurrency: the only limits worth retrying, so 429 with Retry-After
+    "rate_limited": 429,
+    "concurrency_limit_reached": 429,
     # infrastructure
     "store_unavailable": 503,
     "too_many_streams": 503,
@@ -53,6 +56,10 @@ LIMIT_CODES: Final[frozenset[str]] = frozenset(
         "monthly_quota_reached",
     }
 )
+
+
+# Refusals that pass with time: answered 429 with Retry-After, which every provider SDK retries.
+RATE_CODES: Final[frozenset[str]] = frozenset({"rate_limited", "concurrency_limit_reached"})
 
 
 def status_for(code: str) -> int:
@@ -123,7 +130,8 @@ class LimitError(TillError):
 
 
 class RateLimitError(TillError):
-    """429: too many requests; retried for reads before it reaches you."""
+    """429 (``rate_limited``, ``concurrency_limit_reached``): too many requests; retried for
+    reads before it reaches you."""
 
 
 class ServerError(TillError):
@@ -157,6 +165,8 @@ def error_class(status: int, code: str) -> type[TillError]:
         422: ValidationError,
         429: RateLimitError,
     }
+    if code in RATE_CODES:
+        return RateLimitError
     if status >= 500:
         return ServerError
     return by_status.get(status, TillError)

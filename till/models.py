@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 __all__ = ["AccountSummary", "ScopedKey", "ScopedKeyCreate", "Tenant"]
@@ -50,6 +51,11 @@ def _num(data: Mapping[str, Any], name: str, default: float = 0) -> float:
     return default if value is None else value
 
 
+def _opt_strs(data: Mapping[str, Any], name: str) -> list[str] | None:
+    value = data.get(name)
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else None
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
@@ -81,6 +87,13 @@ class ScopedKey:
     remaining_activations: int = 0
     remaining_tokens: int | None = None
     remaining_spend_cents: float | None = None
+    # When the key stops working (RFC 3339), the models it may use (None: any), its rate and
+    # concurrency limits (None: none), and its requests in flight. None from an older server.
+    expires_at: str | None = None
+    allowed_models: list[str] | None = None
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    in_flight: int = 0
 
     @property
     def name(self) -> str | None:
@@ -130,6 +143,11 @@ class ScopedKey:
             ),
             remaining_tokens=remaining_tokens,
             remaining_spend_cents=remaining_spend,
+            expires_at=_opt_str(data, "expiresAt"),
+            allowed_models=_opt_strs(data, "allowedModels"),
+            rpm=_opt_int(data, "rpm"),
+            max_concurrent=_opt_int(data, "maxConcurrent"),
+            in_flight=_int(data, "inFlight"),
         )
 
 
@@ -145,6 +163,12 @@ class ScopedKeyCreate:
     metadata: dict[str, Any] | None = None
     max_tokens: int | None = None
     max_spend_cents: int | None = None
+    # A timezone-aware datetime or an RFC 3339 string; or ttl_seconds (not both).
+    expires_at: datetime | str | None = None
+    ttl_seconds: int | None = None
+    allowed_models: list[str] | None = None
+    rpm: int | None = None
+    max_concurrent: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -163,6 +187,18 @@ class ScopedKeyCreate:
             body["max_tokens"] = self.max_tokens
         if self.max_spend_cents is not None:
             body["max_spend_cents"] = self.max_spend_cents
+        if self.expires_at is not None:
+            # A naive datetime goes without an offset, which the server refuses by name.
+            at = self.expires_at
+            body["expires_at"] = at.isoformat() if isinstance(at, datetime) else at
+        optional = {
+            "ttl_seconds": self.ttl_seconds,
+            "rpm": self.rpm,
+            "max_concurrent": self.max_concurrent,
+        }
+        body.update({name: value for name, value in optional.items() if value is not None})
+        if self.allowed_models is not None:
+            body["allowed_models"] = list(self.allowed_models)
         return body
 
 

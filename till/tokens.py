@@ -40,9 +40,11 @@ __all__ = [
 
 TOKEN_PREFIX: Final = "till_sk_"  # noqa: S105 (a format marker, not a secret)
 TOKEN_VERSION: Final = 1
-# Above any real token (~410 chars with a 164-char OpenAI project key), yet small enough
+# Above any token the admin API mints (~410 chars with a 164-char OpenAI project key; under
+# 7,500 with every field at its bound: a 512-char key, 16 IPv6 networks, 64 model patterns of
+# 64 chars), and within a single 8 KiB header line (nginx's default buffer), yet small enough
 # that hostile input is rejected before we spend anything on it.
-MAX_TOKEN_LENGTH: Final = 2048
+MAX_TOKEN_LENGTH: Final = 8192
 KEY_ID_LENGTH: Final = 16
 PROVIDERS: Final = frozenset({"openai", "anthropic", "google"})
 

@@ -32,6 +32,7 @@ from tests.conftest import (
 from till.server.embedded import EmbeddedRedis
 from till.server.ledger import (
     MONTH_TTL_SECONDS,
+    RATE_WINDOW_MS,
     SETTLED_TTL_SECONDS,
     TENANTS_SET,
     Admission,
@@ -227,6 +228,7 @@ def reserve_args(key: str, rid: str, **over: int | str) -> list[int | str]:
         "input_mc": 100,
         "out_nc": 2000,
         "min_out": 1,
+        "window": RATE_WINDOW_MS,
     }
     base.update(over)
     return [f"{key}:{rid}", *base.values()]
@@ -497,6 +499,7 @@ async def test_bad_reserve_arguments_write_nothing(ledger: Ledger) -> None:
         "input_mc",
         "out_nc",
         "min_out",
+        "window",
     ]
     before = await snapshot(ledger, tenant)
     for name in names:
@@ -508,12 +511,12 @@ async def test_bad_reserve_arguments_write_nothing(ledger: Ledger) -> None:
                     keys=reserve_keys(tenant, key, rid), args=reserve_args(key, rid, **{name: bad})
                 )
             assert await snapshot(ledger, tenant) == before, (name, bad)
-    # Zero where at least one is needed.
-    for name in ("month_ttl", "default"):
+    # Zero where at least one is needed, and a window over a day.
+    for name, bad in (("month_ttl", 0), ("default", 0), ("window", 0), ("window", 86400001)):
         rid = new_key_id()
         with pytest.raises(rexc.ResponseError):
             await ledger._reserve(
-                keys=reserve_keys(tenant, key, rid), args=reserve_args(key, rid, **{name: 0})
+                keys=reserve_keys(tenant, key, rid), args=reserve_args(key, rid, **{name: bad})
             )
     assert await snapshot(ledger, tenant) == before
     # The same call with good values does write: the checks above were not vacuous.

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import math
 import re
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal, cast, overload
@@ -36,6 +38,12 @@ _KEY_ID = re.compile(rf"[a-z2-7]{{{KEY_ID_LENGTH}}}")
 # Provider keys are printable ASCII with no spaces; anything else is a paste accident.
 _UPSTREAM_KEY = re.compile(r"[\x21-\x7e]+")
 _TILL_PREFIX: Final = "till_"
+MAX_TTL_SECONDS: Final = 10 * 366 * 86400  # ten years
+# An allowed_models entry: a model name, or a prefix ending in `*` (no other `*`, no space).
+# With 64 entries of 64 characters, the longest token stays under MAX_TOKEN_LENGTH.
+MAX_ALLOWED_MODELS: Final = 64
+MAX_MODEL_PATTERN: Final = 64
+_MODEL_PATTERN: Final = r"^[\x21-\x29\x2b-\x7e]*\*?$"
 
 
 Provider = Literal["openai", "anthropic", "google"]
@@ -82,6 +90,82 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ) = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | None = None
     max_spend_cents: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] | None = None
+    # Additions beyond the published contract.
+    expires_at: (
+        Annotated[
+            datetime,
+            msgspec.Meta(
+                tz=True,
+                description="When the key stops working: RFC 3339 with a timezone, in the "
+                "future (to the second, rounded down). Not with ttl_seconds.",
+            ),
+        ]
+        | None
+    ) = None
+    ttl_seconds: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=MAX_TTL_SECONDS,
+                description="The key stops working this many seconds after its creation. "
+                "Not with expires_at.",
+            ),
+        ]
+        | None
+    ) = None
+    allowed_models: (
+        Annotated[
+            list[
+                Annotated[
+                    str,
+                    msgspec.Meta(
+                        min_length=1, max_length=MAX_MODEL_PATTERN, pattern=_MODEL_PATTERN
+                    ),
+                ]
+            ],
+            msgspec.Meta(
+                min_length=1,
+                max_length=MAX_ALLOWED_MODELS,
+                description="The models the key may use: exact names, or prefixes ending in "
+                "`*` (`gpt-4o*`). Absent: any model.",
+            ),
+        ]
+        | None
+    ) = None
+    rpm: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1_000_000,
+                description="Requests per minute, over a sliding window; past it, 429.",
+            ),
+        ]
+        | None
+    ) = None
+    max_concurrent: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=100_000, description="Requests in flight at once; past it, 429."),
+        ]
+        | None
+    ) = None
+
+
+# The body as the document states it, with what msgspec cannot check: not both expires_at and
+# ttl_seconds (null counts as absent).
+CreateKeySchema = Annotated[
+    CreateKey,
+    msgspec.Meta(
+        extra_json_schema={
+            "not": {
+                "required": ["expires_at", "ttl_seconds"],
+                "properties": {"expires_at": {"type": "string"}, "ttl_seconds": {"type": "number"}},
+            }
+        }
+    ),
+]
 
 
 class ScopedKey(msgspec.Struct, kw_only=True, rename="camel"):
@@ -111,6 +195,13 @@ class ScopedKey(msgspec.Struct, kw_only=True, rename="camel"):
     remaining_activations: int
     remaining_tokens: int | None
     remaining_spend_cents: Cents | None
+    expires_at: Timestamp | None
+    allowed_models: Annotated[
+        list[str] | None, msgspec.Meta(description="Exact names or `prefix*`; null: any model.")
+    ]
+    rpm: int | None
+    max_concurrent: int | None
+    in_flight: Annotated[int, msgspec.Meta(description="Requests reserved and not yet settled.")]
 
 
 class Tenant(msgspec.Struct, kw_only=True, rename="camel"):
@@ -139,7 +230,9 @@ class Account(msgspec.Struct, kw_only=True, rename="camel"):
 # CreateKey's integer fields. JSON has one number type: `5.0` is the integer 5 to JSON Schema
 # (the document's dialect) and to any client that computes a limit as a float, and msgspec,
 # strict, refuses it. Its lax mode would also take "5", so whole floats are mended beforehand.
-_WHOLE_NUMBERS: Final = ("max_activations", "max_tokens", "max_spend_cents")
+_WHOLE_NUMBERS: Final = (
+    "max_activations", "max_tokens", "max_spend_cents", "ttl_seconds", "rpm", "max_concurrent",
+)  # fmt: skip
 _decode_json = msgspec.json.Decoder()
 _encode = msgspec.json.encode
 
@@ -192,13 +285,16 @@ def key_view(k: KeyRecord, scoped_key: str | None = None) -> ScopedKey:
     remaining_mc = None
     if k.max_microcents is not None:
         remaining_mc = max(0, k.max_microcents - k.used_microcents - k.held_microcents)
+    status = k.status
+    if status != "revoked" and k.expires_at is not None and time.time() >= k.expires_at:
+        status = "expired"  # for good, unlike "exhausted", which a top-up can end
     return ScopedKey(
         id=k.id,
         tenant_id=k.tenant_id,
         provider=cast(Provider, k.provider),  # written from a CreateKey
         max_activations=k.max_activations,
         used_activations=k.used_activations,
-        status=k.status,
+        status=status,
         ip_whitelist=k.ip_whitelist,
         created_at=_rfc3339(k.created_ms),
         last_used_at=None if k.last_used_ms is None else _rfc3339(k.last_used_ms),
@@ -216,6 +312,11 @@ def key_view(k: KeyRecord, scoped_key: str | None = None) -> ScopedKey:
         else max(0, k.max_activations - k.used_activations),
         remaining_tokens=remaining_tokens,
         remaining_spend_cents=cents(remaining_mc),
+        expires_at=None if k.expires_at is None else _rfc3339(k.expires_at * 1000),
+        allowed_models=k.allowed_models or None,
+        rpm=k.rpm,
+        max_concurrent=k.max_concurrent,
+        in_flight=k.in_flight,
     )
 
 
@@ -257,7 +358,24 @@ def parse_create(body: bytes) -> CreateKey:
             raise AdminError(
                 "validation_error", f"ip_whitelist[{i}] is not an IP address or CIDR."
             ) from None
+    if req.expires_at is not None and req.ttl_seconds is not None:
+        raise AdminError("validation_error", "Give expires_at or ttl_seconds, not both.")
     return req
+
+
+def expiry(req: CreateKey, now: float) -> int | None:
+    """When the key expires, in whole seconds since the epoch (never later than asked)."""
+    if req.ttl_seconds is not None:
+        return math.floor(now) + req.ttl_seconds
+    if req.expires_at is None:
+        return None
+    try:
+        at = math.floor(req.expires_at.timestamp())
+    except (OverflowError, ValueError):  # past year 9999 once in UTC
+        at = None
+    if at is None or at <= now:
+        raise AdminError("validation_error", "expires_at must be in the future - at `$.expires_at`")
+    return at
 
 
 def _whole_numbers(data: Any) -> Any:
@@ -302,7 +420,7 @@ class Admin:
         self._ledger = ledger
         self.keyring = keyring
         document = openapi.document(
-            create=CreateKey, key=ScopedKey, account=Account, key_id_pattern=_KEY_ID.pattern
+            create=CreateKeySchema, key=ScopedKey, account=Account, key_id_pattern=_KEY_ID.pattern
         )
         self._openapi = _encode(document)
 
@@ -370,6 +488,8 @@ class Admin:
         if req.name is not None:
             metadata["name"] = req.name
         ips = [str(ipaddress.ip_network(e, strict=False)) for e in req.ip_whitelist or ()]
+        expires_at = expiry(req, time.time())
+        models = list(dict.fromkeys(req.allowed_models or ()))
         key_id = new_key_id()
         claims = TokenClaims(
             key_id=key_id,
@@ -377,13 +497,16 @@ class Admin:
             provider=req.provider,
             upstream_key=req.upstream_key,
             ip_whitelist=tuple(ips),
+            expires_at=expires_at,
+            allowed_models=tuple(models),
         )
         try:
             token = seal(self.keyring, claims)
         except ValueError:
+            # A backstop: the bounds on each field keep every token within the limit.
             raise AdminError(
                 "validation_error",
-                "The key would not fit in a token: use a shorter ip_whitelist.",
+                "The key would not fit in a token: use fewer ip_whitelist or allowed_models.",
             ) from None
         try:
             record = await self._ledger().create_key(
@@ -397,6 +520,10 @@ class Admin:
                 else req.max_spend_cents * MICROCENTS_PER_CENT,
                 metadata=metadata,
                 ip_whitelist=ips,
+                expires_at=expires_at,
+                allowed_models=models,
+                rpm=req.rpm,
+                max_concurrent=req.max_concurrent,
             )
         except Refused as exc:
             if exc.code == "max_keys_reached":

@@ -35,6 +35,8 @@ log = logging.getLogger("till.ledger")
 MICROCENTS_PER_CENT: Final = 1_000_000
 ADMIN_PREFIX: Final = "till_admin_"
 MONTH_TTL_SECONDS: Final = 40 * 86400
+# A key's `rpm` counts requests in a sliding window of this length (TILL_RATE_WINDOW_SECONDS).
+RATE_WINDOW_MS: Final = 60_000
 SETTLED_TTL_SECONDS: Final = 86400
 TENANTS_SET: Final = "till:tenants"
 # A reserve or settle that failed past redis-py's one resend may still have run (its reply was
@@ -67,14 +69,18 @@ class StoreUnavailable(Exception):
 
 
 class Refused(Exception):
-    """A budget check said no. ``limit``, ``used`` and ``remaining`` are in the limit's units."""
+    """A budget check said no. ``limit``, ``used`` and ``remaining`` are in the limit's units;
+    ``retry_after_ms`` says when a retry may pass (rate and concurrency limits), else 0."""
 
-    def __init__(self, code: str, limit: int = 0, used: int = 0, remaining: int = 0) -> None:
+    def __init__(
+        self, code: str, limit: int = 0, used: int = 0, remaining: int = 0, retry_after_ms: int = 0
+    ) -> None:
         super().__init__(code)
         self.code = code
         self.limit = limit
         self.used = used
         self.remaining = remaining
+        self.retry_after_ms = retry_after_ms
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,6 +100,14 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     max_microcents: int | None
     used_microcents: int
     held_microcents: int
+    # Seconds since the epoch, as sealed into the token; None: the key does not expire.
+    expires_at: int | None = None
+    # Exact names or `prefix*` patterns, as sealed into the token; empty: any model.
+    allowed_models: list[str] = []
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    # Requests reserved and not yet settled.
+    in_flight: int = 0
 
 
 class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -253,7 +267,7 @@ class _Script:
 
 
 _meta_decoder = msgspec.json.Decoder(dict[str, Any])
-_ips_decoder = msgspec.json.Decoder(list[str])
+_list_decoder = msgspec.json.Decoder(list[str])
 _encode = msgspec.json.encode
 
 
@@ -343,7 +357,7 @@ class Ledger:
         does not make every worker unready; requests for its own tenants get 503s meanwhile."""
         probe = "ready"
         keys = [tkey(probe, part) for part in ("k:probe", "tenant", "m:000000", "r:probe", "holds")]
-        args: list[str | int] = ["probe:probe", 0, 0, 1, 0, -1, 1, -1, -1, 0]
+        args: list[str | int] = ["probe:probe", 0, 0, 1, 0, -1, 1, -1, -1, 0, RATE_WINDOW_MS]
         reply = await self._call(lambda: self._reserve(keys=keys, args=args))
         if reply[:2] != [b"refused", b"invalid_api_key"]:
             raise StoreUnavailable("the reserve script answered a probe unexpectedly")
@@ -447,6 +461,10 @@ class Ledger:
         max_microcents: int | None,
         metadata: dict[str, Any],
         ip_whitelist: Sequence[str],
+        expires_at: int | None = None,
+        allowed_models: Sequence[str] = (),
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
     ) -> KeyRecord:
         created = now_ms()
         fields: list[str | int | bytes] = [
@@ -463,11 +481,20 @@ class Ledger:
             "held_tok", 0,
             "used_mc", 0,
             "held_mc", 0,
+            "inflight", 0,
         ]  # fmt: skip
-        if max_tokens is not None:
-            fields += ["max_tok", max_tokens]
-        if max_microcents is not None:
-            fields += ["max_mc", max_microcents]
+        optional = {
+            "max_tok": max_tokens,
+            "max_mc": max_microcents,
+            "expires": expires_at,
+            "rpm": rpm,
+            "max_conc": max_concurrent,
+        }
+        for name, value in optional.items():
+            if value is not None:
+                fields += [name, value]
+        if allowed_models:
+            fields += ["models", _encode(list(allowed_models))]
         keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}"), tkey(tenant_id, "keys")]
         reply = await self._call(
             lambda: self._create_key(keys=keys, args=[key_id, created, *fields])
@@ -524,9 +551,13 @@ class Ledger:
         output_nanocents: int,
         hold_seconds: int,
         min_output: int = 1,
+        rate_window_ms: int = RATE_WINDOW_MS,
+        now: int | None = None,
     ) -> Admission:
-        """Take one activation and hold the worst-case tokens and cost, or raise Refused."""
-        now = now_ms()
+        """Take one activation and a place in flight, and hold the worst-case tokens and cost,
+        or raise Refused. ``now`` (ms since the epoch) is the clock's unless a test moves it."""
+        if now is None:
+            now = now_ms()
         keys = [
             tkey(tenant_id, f"k:{key_id}"),
             tkey(tenant_id, "tenant"),
@@ -545,6 +576,7 @@ class Ledger:
             input_microcents,
             output_nanocents,
             min_output,
+            rate_window_ms,
         ]
         try:
             reply = await self._call(lambda: self._reserve(keys=keys, args=args))
@@ -557,7 +589,7 @@ class Ledger:
             )
             raise
         if reply[0] != b"ok":
-            raise Refused(reply[1].decode(), int(reply[2]), int(reply[3]), int(reply[4]))
+            raise Refused(reply[1].decode(), *(int(v) for v in reply[2:6]))
         return Admission(int(reply[1]), int(reply[2]), _unlimited(reply[3]), _unlimited(reply[4]))
 
     async def settle(
@@ -731,7 +763,7 @@ def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
         created_ms=_int(raw.get(b"created")),
         last_used_ms=_opt(raw.get(b"last_used")),
         metadata=_meta_decoder.decode(raw.get(b"meta", b"{}")),
-        ip_whitelist=_ips_decoder.decode(raw.get(b"ips", b"[]")),
+        ip_whitelist=_list_decoder.decode(raw.get(b"ips", b"[]")),
         max_activations=_int(raw.get(b"max_act")),
         used_activations=_int(raw.get(b"used_act")),
         max_tokens=_opt(raw.get(b"max_tok")),
@@ -740,12 +772,18 @@ def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
         max_microcents=_opt(raw.get(b"max_mc")),
         used_microcents=_int(raw.get(b"used_mc")),
         held_microcents=_int(raw.get(b"held_mc")),
+        expires_at=_opt(raw.get(b"expires")),
+        allowed_models=_list_decoder.decode(raw.get(b"models", b"[]")),
+        rpm=_opt(raw.get(b"rpm")),
+        max_concurrent=_opt(raw.get(b"max_conc")),
+        in_flight=_int(raw.get(b"inflight")),
     )
 
 
 __all__ = [
     "MICROCENTS_PER_CENT",
     "PLANS",
+    "RATE_WINDOW_MS",
     "Admission",
     "KeyRecord",
     "Ledger",

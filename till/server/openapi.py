@@ -80,16 +80,24 @@ _HEADERS: Final[dict[int, dict[str, Any]]] = {
 
 def document(
     *,
-    create: type[msgspec.Struct],
+    create: Any,
     key: type[msgspec.Struct],
     account: type[msgspec.Struct],
     key_id_pattern: str,
 ) -> dict[str, Any]:
-    """The OpenAPI document: ``create`` is the request body of POST /admin/keys, ``key`` and
-    ``account`` what the answers carry; ``key_id_pattern`` is what a key id fully matches."""
-    (create_ref, key_ref, account_ref), components = msgspec.json.schema_components(
+    """The OpenAPI document: ``create`` is the request body of POST /admin/keys (a struct, or
+    one annotated with constraints across its fields), ``key`` and ``account`` what the answers
+    carry; ``key_id_pattern`` is what a key id fully matches."""
+    refs, components = msgspec.json.schema_components(
         (create, key, account), ref_template=SCHEMAS + "{name}"
     )
+    # msgspec writes an annotated struct's constraints beside its $ref: they belong to the
+    # struct's own schema, where a reader (and a generator of test data) looks.
+    for ref in refs:
+        extra = {k: v for k, v in ref.items() if k != "$ref"}
+        if extra:
+            components[ref["$ref"].removeprefix(SCHEMAS)].update(extra)
+    create_ref, key_ref, account_ref = ({"$ref": ref["$ref"]} for ref in refs)
     key_id = {
         "name": "key_id",
         "in": "path",

@@ -20,7 +20,8 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 
-from till.errors import LIMIT_CODES, status_for
+from till.errors import LIMIT_CODES, RATE_CODES, status_for
+from till.server.allowlist import filter_model_list, model_allowed
 from till.server.ledger import (
     MICROCENTS_PER_CENT,
     Admission,
@@ -41,6 +42,7 @@ from till.server.providers.base import (
     StreamMeter,
     decode_body,
     encode,
+    field_str,
 )
 from till.server.relay import ClientStalled, UpstreamCut, WriteDeadline, relay_events
 from till.server.settings import Settings
@@ -82,6 +84,8 @@ TOKEN_CACHE_SIZE: Final = 10_000
 # Endpoints whose answer has no output tokens: nothing to cap, nothing to reserve for it.
 NO_OUTPUT_KINDS: Final = frozenset({"embeddings", "embed", "count_tokens"})
 RETRY_AFTER_SECONDS: Final = "2"
+# Model names quoted back in a refusal are cut to this length.
+MAX_QUOTED_MODEL: Final = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,12 +97,16 @@ class OpenKey:
 
 
 class ProxyError(Exception):
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
+    def __init__(
+        self, code: str, message: str, *, retry_after_ms: int | None = None, **extra: Any
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.extra = extra
         self.status = status_for(code)
+        # When a retry may pass (a rate or concurrency limit): sent as Retry-After.
+        self.retry_after_ms = retry_after_ms
 
 
 class ClientGone(Exception):
@@ -192,6 +200,12 @@ class Proxy:
         headers = [(b"content-type", b"application/json")]
         if exc.status == 503:
             headers.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
+        if exc.retry_after_ms is not None:
+            # Whole seconds (rounded up) for every client; the openai and anthropic SDKs read
+            # the milliseconds first.
+            seconds = max(1, math.ceil(exc.retry_after_ms / 1000))
+            headers.append((b"retry-after", str(seconds).encode()))
+            headers.append((b"retry-after-ms", str(exc.retry_after_ms).encode()))
         body = dialect.error_body(exc.status, exc.code, exc.message, exc.extra)
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
@@ -279,6 +293,8 @@ class Proxy:
             except BadRequest as exc:
                 raise ProxyError("invalid_json", str(exc)) from None
             info = route.format.inspect(route, body)
+        if key.claims.allowed_models:
+            _check_model(key.claims.allowed_models, route, method, raw, info)
         ex = Exchange(
             key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
@@ -366,13 +382,14 @@ class Proxy:
                 output_nanocents=-1 if rates is None else rates.output_nanocents_per_token,
                 hold_seconds=self.settings.hold_seconds,
                 min_output=info.generations if produces_output else 0,
+                rate_window_ms=self.settings.rate_window_seconds * 1000,
             )
         except StoreUnavailable:
             raise ProxyError(
                 "store_unavailable", "Till's budget store is unavailable; retry shortly."
             ) from None
         except Refused as exc:
-            raise _refusal(exc, info.model) from None
+            raise _refusal(exc, info.model, self.settings.rate_window_seconds) from None
 
     # --- steps 4 and 5: forward and relay ---
 
@@ -429,6 +446,8 @@ class Proxy:
             if status >= 400 or not ex.route.metered:
                 # An upstream error bills nothing: the activation counts, the hold is released.
                 ex.charge_zero = True
+                if status < 400 and ex.route.kind == "models" and ex.claims.allowed_models:
+                    data = filter_model_list(data, ex.claims.allowed_models)
             else:
                 ex.usage, ex.model = ex.route.format.usage(ex.route, data)
                 if ex.usage is None and ex.route.kind in NO_OUTPUT_KINDS:
@@ -548,8 +567,48 @@ def _broke_off(ex: Exchange, exc: BaseException, message: str) -> ProxyError:
     return ProxyError("upstream_unavailable", message)
 
 
-def _refusal(exc: Refused, model: str) -> ProxyError:
+def _check_model(
+    allowed: tuple[str, ...], route: Route, method: str, raw: bytes, info: RequestInfo
+) -> None:
+    """Refuse a request for a model the key may not use, or naming none, before anything is
+    reserved. The model list names no model: it is trimmed to the allowed ones instead."""
+    if route.model:
+        model = route.model  # in the path (Gemini, a model's own page)
+    elif route.metered:
+        model = info.model
+    elif method == "POST":
+        try:
+            model = field_str(decode_body(raw), "model")  # count_tokens: not read otherwise
+        except BadRequest as exc:
+            raise ProxyError("invalid_json", str(exc)) from None
+    else:
+        return
+    if model_allowed(model, allowed):
+        return
+    if not model:
+        raise ProxyError(
+            "model_not_allowed", "This key may use only certain models, and the request names none."
+        )
+    raise ProxyError(
+        "model_not_allowed",
+        f"This key may not use model {model[:MAX_QUOTED_MODEL]!r}.",
+        model=model[:MAX_QUOTED_MODEL],
+    )
+
+
+def _refusal(exc: Refused, model: str, window_seconds: int = 60) -> ProxyError:
     code = exc.code
+    if code in RATE_CODES:
+        limit, used = exc.limit, exc.used
+        if code == "rate_limited":
+            per = "minute" if window_seconds == 60 else f"{window_seconds} seconds"
+            message = f"This key's rate limit is reached: {limit} requests per {per}."
+        else:
+            message = f"This key's concurrency limit is reached: {used} of {limit} in flight."
+        return ProxyError(
+            code, message, retry_after_ms=exc.retry_after_ms,
+            limit=limit, used=used, remaining=0,
+        )  # fmt: skip
     if code == "unknown_model_price":
         return ProxyError(
             code,
@@ -559,6 +618,7 @@ def _refusal(exc: Refused, model: str) -> ProxyError:
     if code not in LIMIT_CODES:
         messages = {
             "key_revoked": "This key has been revoked.",
+            "key_expired": "This key has expired.",
             "invalid_api_key": "Incorrect API key provided.",
             "tenant_suspended": "This key's account is suspended.",
         }

@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A hold not settled by then (worker died) is charged by the reaper, which looks this often.
     hold_seconds: int = 3600
     reap_interval: float = 10.0
+    # A key's `rpm` counts the requests of a sliding window this long: a minute, except in tests
+    # that must not wait one (rpm is then requests per window).
+    rate_window_seconds: int = 60
     # Output tokens reserved when a limited key's request sets no output cap of its own.
     default_max_output_tokens: int = 4096
     # Input reserved on top of the body for a request that continues a conversation stored at
@@ -93,6 +96,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
     "TILL_REAP_INTERVAL": ("reap_interval", float),
+    "TILL_RATE_WINDOW_SECONDS": ("rate_window_seconds", int),
     "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
     "TILL_HIDDEN_INPUT_TOKENS": ("hidden_input_tokens", int),
     "TILL_REDIS_TIMEOUT": ("redis_timeout", float),
@@ -148,6 +152,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_HOLD_SECONDS must be at least 1")
     if s.reap_interval <= 0:
         raise SettingsError("TILL_REAP_INTERVAL must be positive")
+    if not 1 <= s.rate_window_seconds <= 86400:
+        raise SettingsError("TILL_RATE_WINDOW_SECONDS must be between 1 and 86400")
     if s.hidden_input_tokens < 0:
         raise SettingsError("TILL_HIDDEN_INPUT_TOKENS must not be negative")
     if s.default_max_output_tokens < 1:

@@ -1,4 +1,6 @@
--- settle: replace a reservation's hold with what the request actually used. Once per request.
+-- settle: replace a reservation's hold with what the request actually used, and give back its
+-- place among the key's requests in flight. Once per request: the reaper settles through here
+-- too, so a reaped hold frees its slot.
 --
 -- KEYS[1] key hash        {t:<tenant>}:k:<key_id>
 -- KEYS[2] reservation     {t:<tenant>}:r:<request_id>
@@ -36,7 +38,7 @@ if tokens < -1 or cost < -1 or keep < 1 or (refund ~= 0 and refund ~= 1) then
   return redis.error_reply('ERR till settle: amount out of range')
 end
 
-local r = redis.call('HMGET', KEYS[2], 'state', 'hold_tok', 'hold_mc')
+local r = redis.call('HMGET', KEYS[2], 'state', 'hold_tok', 'hold_mc', 'slot')
 if r[1] ~= 'held' then
   return {'skipped'}
 end
@@ -53,6 +55,10 @@ local held_tok = redis.call('HINCRBY', KEYS[1], 'held_tok', 0 - hold_tok)
 local held_mc = redis.call('HINCRBY', KEYS[1], 'held_mc', 0 - hold_mc)
 local used_tok = redis.call('HINCRBY', KEYS[1], 'used_tok', tokens)
 local used_mc = redis.call('HINCRBY', KEYS[1], 'used_mc', cost)
+-- Reservations made before `inflight` existed hold no slot.
+if r[4] == '1' and redis.call('HINCRBY', KEYS[1], 'inflight', -1) < 0 then
+  redis.call('HSET', KEYS[1], 'inflight', 0)
+end
 local used_act
 if refund == 1 then
   used_act = redis.call('HINCRBY', KEYS[1], 'used_act', -1)

@@ -244,7 +244,7 @@ class Route:
     kind: str
     upstream_path: str
     metered: bool = True  # has a JSON body with a model, answers with usage
-    model: str = ""  # when the path names it (Gemini)
+    model: str = ""  # when the path names it (Gemini; OpenAI's /v1/models/{id})
     stream: bool = False  # when the path says so (Gemini's streamGenerateContent)
 
 

@@ -291,7 +291,9 @@ class OpenAIProvider:
         kind = OPENAI_FORMAT.kind(method, path)
         if kind is None:
             return None
-        return Route(OPENAI_FORMAT, kind, path, metered=kind != "models")
+        # A model's own page names it in the path; the list names none.
+        model = path.removeprefix("/v1/models/") if path.startswith("/v1/models/") else ""
+        return Route(OPENAI_FORMAT, kind, path, metered=kind != "models", model=model)
 
     def auth_headers(self, upstream_key: str, route: Route) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {upstream_key}")]
