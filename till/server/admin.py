@@ -44,6 +44,9 @@ MAX_TTL_SECONDS: Final = 10 * 366 * 86400  # ten years
 MAX_ALLOWED_MODELS: Final = 64
 MAX_MODEL_PATTERN: Final = 64
 _MODEL_PATTERN: Final = r"^[\x21-\x29\x2b-\x7e]*\*?$"
+# msgspec searches with Python's `$`, which also matches before a final newline; JSON Schema's
+# does not. Entries are matched whole again with this.
+_MODEL_ENTRY: Final = re.compile(_MODEL_PATTERN[1:-1])
 
 
 Provider = Literal["openai", "anthropic", "google"]
@@ -358,6 +361,12 @@ def parse_create(body: bytes) -> CreateKey:
             raise AdminError(
                 "validation_error", f"ip_whitelist[{i}] is not an IP address or CIDR."
             ) from None
+    for i, entry in enumerate(req.allowed_models or ()):
+        if not _MODEL_ENTRY.fullmatch(entry):
+            raise AdminError(
+                "validation_error",
+                f"allowed_models[{i}] must be a model name, or a prefix ending in `*`.",
+            )
     if req.expires_at is not None and req.ttl_seconds is not None:
         raise AdminError("validation_error", "Give expires_at or ttl_seconds, not both.")
     return req
