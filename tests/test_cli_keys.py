@@ -107,6 +107,41 @@ def test_create_with_json_prints_only_json(till: Till, admin_key: str, cli: obje
     assert "shown once" in created.err
 
 
+def test_create_with_expiry_models_and_rate_limits(till: Till, admin_key: str, cli: object) -> None:
+    run = cli  # type: ignore[assignment]
+    auth = ("--url", till.url, "--admin-key", admin_key)
+    created = run(
+        "keys", "create", *auth, "--provider", "openai", "--upstream-key", UPSTREAM_KEY,
+        "--max-activations", "9", "--ttl", "3600", "--model", "gpt-4o*", "o3-mini",
+        "--rpm", "60", "--max-concurrent", "4",
+    )  # fmt: skip
+    assert created.code == 0, created.err
+    assert "models:        gpt-4o*, o3-mini" in created.out
+    assert "rate:          60 per minute" in created.out
+    assert "concurrency:   0 / 4 in flight" in created.out
+    (expires,) = [line for line in created.out.splitlines() if line.startswith("expires:")]
+    assert expires.split()[1].endswith(".000Z")
+    key_id = created.out.split()[1]
+    shown = json.loads(run("keys", "get", *auth, key_id, "--json").out)
+    assert shown["allowedModels"] == ["gpt-4o*", "o3-mini"]
+    assert (shown["rpm"], shown["maxConcurrent"], shown["inFlight"]) == (60, 4, 0)
+    assert shown["expiresAt"] == expires.split()[1]
+
+    at = run(
+        "keys", "create", *auth, "--json", "--provider", "openai", "--upstream-key", "sk-x",
+        "--max-activations", "1", "--expires-at", "2031-01-02T03:04:05+01:00",
+    )  # fmt: skip
+    assert json.loads(at.out)["expiresAt"] == "2031-01-02T02:04:05.000Z"
+    plain = run("keys", "get", *auth, json.loads(at.out)["id"])
+    assert "rate:          no limit" in plain.out and "models:        any" in plain.out
+    # The server's refusal names the field.
+    past = run(
+        "keys", "create", *auth, "--provider", "openai", "--upstream-key", "sk-x",
+        "--max-activations", "1", "--expires-at", "2001-01-01T00:00:00Z",
+    )  # fmt: skip
+    assert past.code == 1 and past.err.startswith("till: [validation_error] expires_at")
+
+
 def test_the_installed_command_reads_the_key_from_stdin(till: Till, admin_key: str) -> None:
     env = {**till.env, "TILL_URL": till.url, "TILL_ADMIN_KEY": admin_key}
     result = subprocess.run(
@@ -149,6 +184,12 @@ def test_unreachable_till_exits_3(cli: object) -> None:
          "--max-activations", "1"],
         ["keys", "create", "--provider", "openai", "--upstream-key-env", "TILL_TEST_UNSET",
          "--max-activations", "1"],
+        ["keys", "create", "--provider", "openai", "--upstream-key", "k", "--max-activations", "1",
+         "--ttl", "60", "--expires-at", "2031-01-01T00:00:00Z"],
+        ["keys", "create", "--provider", "openai", "--upstream-key", "k", "--max-activations", "1",
+         "--rpm", "0"],
+        ["keys", "create", "--provider", "openai", "--upstream-key", "k", "--max-activations", "1",
+         "--max-concurrent", "x"],
         ["keys", "get"],
         ["account", "--admin-key", ""],
         ["account", "--admin-key", "till_admin_x", "--url", "ftp://example.com"],

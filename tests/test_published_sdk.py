@@ -334,9 +334,11 @@ def test_published_sdk_and_ours_read_keys_and_account_identically(
     from till import TillClient as OurClient
 
     with OurClient(admin_key=sdk.admin_key, base_url=sdk.till.url) as ours:
+        # With every field added since 0.1: the published models must still read the key.
         limited = ours.create_key(
             "openai", UPSTREAM_KEY, 7, name="both", max_tokens=5000, max_spend_cents=300,
-            ip_whitelist=["127.0.0.1"], metadata={"team": "x"},
+            ip_whitelist=["127.0.0.1"], metadata={"team": "x"}, ttl_seconds=3600,
+            allowed_models=["gpt-4o*"], rpm=60, max_concurrent=4,
         )  # fmt: skip
         plain = ours.create_key("anthropic", ANTHROPIC_KEY, 3)
         client = openai.OpenAI(

@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -34,12 +35,15 @@ from till import (
     AuthenticationError,
     LimitError,
     NotFoundError,
+    RateLimitError,
     ScopedKey,
+    ScopedKeyCreate,
     ServerError,
     TillClient,
     TillError,
     ValidationError,
 )
+from till.errors import error_class
 from till.openai_compat import patched_async_openai, patched_openai
 
 MESSAGES = [{"role": "user", "content": "Hello there"}]
@@ -155,6 +159,8 @@ def test_errors_are_data() -> None:
     assert repr(e).startswith("LimitError(status_code=403, code='max_keys_reached'")
     copy = pickle.loads(pickle.dumps(e))  # noqa: S301
     assert type(copy) is LimitError and vars(copy) == vars(e) and str(copy) == str(e)
+    for code in ("rate_limited", "concurrency_limit_reached"):
+        assert error_class(429, code) is RateLimitError
     legacy = TillError(500, "internal_error", "boom")  # the published positional form
     assert (legacy.request_id, legacy.details, legacy.limit) == (None, {}, None)
 
@@ -228,6 +234,55 @@ def test_round_trip(till: Till, admin_key: str) -> None:
         revoked = client.revoke_key(key.id)
         assert revoked.status == "revoked" and client.get_key(key.id).status == "revoked"
         assert client.account().keys_used == live
+
+
+def test_keys_with_expiry_models_and_rate_limits(till: Till, admin_key: str) -> None:
+    at = datetime.now(UTC) + timedelta(days=7)
+    with TillClient(admin_key=admin_key, base_url=till.url) as client:
+        key = client.create_key(
+            "openai", UPSTREAM_KEY, 7, expires_at=at, allowed_models=["gpt-4o*", "o3"],
+            rpm=30, max_concurrent=3,
+        )  # fmt: skip
+        assert key.expires_at == at.isoformat(timespec="seconds").replace("+00:00", ".000Z")
+        assert key.allowed_models == ["gpt-4o*", "o3"]
+        assert (key.rpm, key.max_concurrent, key.in_flight, key.status) == (30, 3, 0, "active")
+        assert client.get_key(key.id) == ScopedKey(**{**vars(key), "scoped_key": None})
+        plain = client.create_key("openai", UPSTREAM_KEY, 7)
+        assert (plain.expires_at, plain.allowed_models, plain.rpm, plain.max_concurrent) == (
+            None, None, None, None
+        )  # fmt: skip
+        with pytest.raises(ValidationError) as caught:
+            client.create_key("openai", UPSTREAM_KEY, 7, expires_at=at, ttl_seconds=60)
+        assert caught.value.status_code == 422 and "not both" in str(caught.value)
+
+
+async def test_async_keys_with_expiry_and_limits(till: Till, admin_key: str) -> None:
+    async with AsyncTillClient(admin_key=admin_key, base_url=till.url) as client:
+        key = await client.create_key(
+            "google", "AIzaTest0123", 3, ttl_seconds=600, allowed_models=["gemini-2.5-*"],
+            max_concurrent=1,
+        )  # fmt: skip
+        assert key.expires_at is not None and key.allowed_models == ["gemini-2.5-*"]
+        assert (key.rpm, key.max_concurrent) == (None, 1)
+        assert (await client.get_key(key.id)).expires_at == key.expires_at
+
+
+def test_create_params_travel_as_the_api_names_them() -> None:
+    india = timezone(timedelta(hours=5, minutes=30))
+    body = ScopedKeyCreate(
+        "openai", "sk-x", 3, expires_at=datetime(2031, 2, 3, 4, 5, 6, tzinfo=india),
+        allowed_models=["a*"], rpm=5, max_concurrent=2,
+    ).to_dict()  # fmt: skip
+    assert body == {
+        "provider": "openai", "upstream_key": "sk-x", "max_activations": 3,
+        "expires_at": "2031-02-03T04:05:06+05:30", "allowed_models": ["a*"], "rpm": 5,
+        "max_concurrent": 2,
+    }  # fmt: skip
+    assert ScopedKeyCreate("openai", "sk-x", 3, ttl_seconds=9).to_dict()["ttl_seconds"] == 9
+    # An unset field is not sent at all: an older server refuses fields it does not know.
+    assert set(ScopedKeyCreate("openai", "sk-x", 3).to_dict()) == {
+        "provider", "upstream_key", "max_activations"
+    }  # fmt: skip
 
 
 async def test_async_round_trip(till: Till, admin_key: str) -> None:
@@ -473,6 +528,16 @@ def test_models_ignore_unknown_fields_and_default_missing_ones() -> None:
     assert key.remaining_spend_cents == 3.5 and key.used_spend_microcents == 1_500_000
     empty = ScopedKey.from_dict({})
     assert (empty.max_activations, empty.remaining_tokens, empty.max_spend_cents) == (0, None, None)
+    # An older server's answer has no expiry, model list or rate limits: none, not an error.
+    assert (key.expires_at, key.allowed_models, key.rpm, key.max_concurrent, key.in_flight) == (
+        None, None, None, None, 0
+    )  # fmt: skip
+    newer = ScopedKey.from_dict(
+        {"expiresAt": "2031-01-01T00:00:00.000Z", "allowedModels": ["a*", 3], "rpm": 6,
+         "maxConcurrent": 2, "inFlight": 1}
+    )  # fmt: skip
+    assert (newer.expires_at, newer.allowed_models) == ("2031-01-01T00:00:00.000Z", ["a*"])
+    assert (newer.rpm, newer.max_concurrent, newer.in_flight) == (6, 2, 1)
     account = AccountSummary.from_dict({"scope": "admin", "tenants": 3, "new": True})
     assert (account.tenant, account.tenants, account.keys_used) == (None, 3, 0)
     full = AccountSummary.from_dict(ACCOUNT["account"])
