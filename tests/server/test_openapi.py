@@ -146,7 +146,19 @@ def test_create_key_schema_is_generated_from_the_decoder(document: dict[str, Any
     assert props["max_activations"] == {"type": "integer", "minimum": 1, "maximum": 1_000_000_000}
     ip_list = props["ip_whitelist"]["anyOf"][0]
     assert ip_list["maxItems"] == 16 and ip_list["items"]["anyOf"] == IP_NETWORK["anyOf"]
+    # Additions: expiry one way or the other, a model list, rate and concurrency limits.
+    assert create["not"]["required"] == ["expires_at", "ttl_seconds"]
+    assert props["expires_at"]["anyOf"][0]["format"] == "date-time"
+    models = props["allowed_models"]["anyOf"][0]
+    assert (models["minItems"], models["maxItems"], models["items"]["maxLength"]) == (1, 64, 64)
+    entry = _python_pattern(models["items"]["pattern"])
+    assert entry.fullmatch("gpt-4o*") and entry.fullmatch("models/gemini-2.5-flash")
+    assert not any(entry.fullmatch(bad) for bad in ("gpt*4o", "a b", "gpt**", "gpt\n"))
+    assert {"rpm", "max_concurrent", "ttl_seconds"} <= set(props)
     key = document["components"]["schemas"]["ScopedKey"]
+    assert {"expiresAt", "allowedModels", "rpm", "maxConcurrent", "inFlight"} <= set(
+        key["properties"]
+    )
     assert "upstreamKey" not in key["properties"] and "upstream_key" not in key["properties"]
     assert set(key["required"]) == set(key["properties"])
 
