@@ -284,6 +284,35 @@ def test_anthropic_models_off_the_list_are_refused(
     assert get_key_view(till, admin_key, key.id).used_activations == 3
 
 
+def test_a_model_named_twice_reaches_the_provider_once(
+    till: Till, admin_key: str, mock_upstream: Mock
+) -> None:
+    # Till reads the last copy of a repeated field; a provider reading the first would count
+    # tokens for a model the key may not use. No SDK sends this: raw HTTP does.
+    with sdk(till, admin_key) as client:
+        key = client.create_key("anthropic", ANTHROPIC_KEY, 10, allowed_models=["claude-sonnet*"])
+    assert key.scoped_key is not None
+    mock_upstream.reset()
+    raw = (
+        b'{"model": "claude-opus-4-1", "messages": [{"role": "user", "content": "Hi"}],'
+        b' "model": "claude-sonnet-4-6"}'
+    )
+    headers = {
+        "x-api-key": key.scoped_key,
+        "anthropic-version": "2023-06-01",
+        "content-type": "application/json",
+    }
+    resp = httpx.post(
+        f"{till.url}/v1/messages/count_tokens", content=raw, headers=headers, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    (seen,) = mock_upstream.requests()
+    assert seen["body"]["model"] == "claude-sonnet-4-6"  # type: ignore[index]
+    # Re-encoded: one copy of each field, values as they came.
+    once = b'{"model":"claude-sonnet-4-6","messages":[{"role": "user", "content": "Hi"}]}'
+    assert int(seen["headers"]["content-length"]) == len(once)  # type: ignore[index]
+
+
 def test_gemini_models_off_the_list_are_refused(
     till: Till, admin_key: str, mock_upstream: Mock
 ) -> None:

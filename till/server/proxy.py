@@ -43,6 +43,7 @@ from till.server.providers.base import (
     decode_body,
     encode,
     field_str,
+    repeats_fields,
 )
 from till.server.relay import ClientStalled, UpstreamCut, WriteDeadline, relay_events
 from till.server.settings import Settings
@@ -294,7 +295,7 @@ class Proxy:
                 raise ProxyError("invalid_json", str(exc)) from None
             info = route.format.inspect(route, body)
         if key.claims.allowed_models:
-            _check_model(key.claims.allowed_models, route, method, raw, info)
+            raw = _check_model(key.claims.allowed_models, route, method, raw, info)
         ex = Exchange(
             key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
@@ -569,22 +570,28 @@ def _broke_off(ex: Exchange, exc: BaseException, message: str) -> ProxyError:
 
 def _check_model(
     allowed: tuple[str, ...], route: Route, method: str, raw: bytes, info: RequestInfo
-) -> None:
+) -> bytes:
     """Refuse a request for a model the key may not use, or naming none, before anything is
-    reserved. The model list names no model: it is trimmed to the allowed ones instead."""
+    reserved; else the body to forward. The model list names no model: it is trimmed to the
+    allowed ones instead."""
     if route.model:
         model = route.model  # in the path (Gemini, a model's own page)
     elif route.metered:
-        model = info.model
+        model = info.model  # a body naming it twice is forwarded with the copy read here
     elif method == "POST":
+        # count_tokens, whose body is forwarded unread otherwise.
         try:
-            model = field_str(decode_body(raw), "model")  # count_tokens: not read otherwise
+            body = decode_body(raw)
         except BadRequest as exc:
             raise ProxyError("invalid_json", str(exc)) from None
+        model = field_str(body, "model")
+        if repeats_fields(body):
+            # The provider must not read another copy of "model" than the one checked.
+            raw = encode(body)
     else:
-        return
+        return raw
     if model_allowed(model, allowed):
-        return
+        return raw
     if not model:
         raise ProxyError(
             "model_not_allowed", "This key may use only certain models, and the request names none."
