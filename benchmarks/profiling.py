@@ -71,12 +71,12 @@ def _package(frame: str) -> str:
     return path.split("/", 1)[0].removesuffix(".py")
 
 
-def profile(seconds: int, keep: Path | None = None) -> str:
+def profile(seconds: int, keep: Path | None = None, server: str = "hypercorn") -> str:
     scenario = Scenario(stream=False, concurrency=32)
     # The directory goes last: Till stops its embedded Redis through the files in it.
     with tempfile.TemporaryDirectory(prefix="till-profile-") as tmp, ExitStack() as stack:
         mock = start_mock(stack)
-        till = start_till(stack, mock.url, Path(tmp), with_redis=False)
+        till = start_till(stack, mock.url, Path(tmp), with_redis=False, server=server)
         run_async(drive(till.url, till.token, scenario, 2))  # warm-up
         reset_mock(mock)
         raw = keep or Path(tmp) / "till.raw"
@@ -92,7 +92,8 @@ def profile(seconds: int, keep: Path | None = None) -> str:
         if spy.returncode != 0:
             raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')}")
         header = (
-            f"Till (embedded store) under non-streamed chat at c=32: {run.rps:,.0f} req/s,"
-            f" p50 {run.p50_ms:.2f} ms; py-spy at {SAMPLE_RATE} Hz for {seconds} s."
+            f"Till (embedded store, {server}) under non-streamed chat at c=32:"
+            f" {run.rps:,.0f} req/s, p50 {run.p50_ms:.2f} ms;"
+            f" py-spy at {SAMPLE_RATE} Hz for {seconds} s."
         )
         return header + "\n\n" + summarize(raw.read_text())

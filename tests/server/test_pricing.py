@@ -410,3 +410,37 @@ def test_time_of_day_priced_models_are_bounded() -> None:
     }
     assert cost in prices
     assert ceil_int(direct * MICROCENTS_PER_USD) in prices
+
+
+def test_every_priced_model_takes_the_integer_path_and_it_agrees() -> None:
+    """Each model genai-prices prices by tokens (not by time of day) is costed in integers,
+    and that figure is the Decimal path's (rounded up to a micro-cent) on varied usages,
+    tier thresholds included."""
+    import random
+    from decimal import localcontext
+
+    from till.server.pricing import _DECIMAL_CTX, _fast_cost
+
+    pricer = Pricer()
+    rng = random.Random(6)
+    checked = 0
+    for provider in bundled_providers:
+        if provider.id not in PROVIDER_IDS.values():
+            continue
+        for model in provider.models:
+            entry = pricer._entry(provider.id, model.id)
+            if entry.rates is None or entry.slow is not None:
+                continue
+            assert entry.exact is not None, model.id
+            for _ in range(60):
+                total = rng.choice([0, 1, 999, 128_000, 200_000, 200_001, 10**7])
+                total += rng.randint(0, 5)
+                cache_read = rng.randint(0, total)
+                cache_write = rng.randint(0, total - cache_read)
+                usage = Usage(total, rng.randint(0, 10**6), cache_read, cache_write)
+                with localcontext(_DECIMAL_CTX):
+                    usd = _fast_cost(entry, usage)
+                want = int((usd * MICROCENTS_PER_USD).to_integral_value(rounding=ROUND_CEILING))
+                assert entry.exact.microcents(usage) == want, (model.id, usage)
+            checked += 1
+    assert checked > 50

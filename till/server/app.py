@@ -1,4 +1,4 @@
-"""create_app(settings) -> the Starlette app: admin routes, health, and the proxy behind them."""
+"""create_app(settings) -> the ASGI app: the proxy, and a Starlette app for admin and health."""
 
 from __future__ import annotations
 
@@ -25,13 +25,18 @@ from till.server.providers.anthropic import ANTHROPIC_FORMAT, AnthropicProvider
 from till.server.providers.base import Format, Provider
 from till.server.providers.google import GEMINI_FORMAT, GoogleProvider
 from till.server.providers.openai import OPENAI_FORMAT, OpenAIProvider
-from till.server.proxy import Proxy
+from till.server.proxy import Proxy, Receive, Scope, Send
 from till.server.settings import Settings
 
 log = logging.getLogger("till")
 
 REAPER_LOCK: Final = "till:reaper"
 ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+# What Starlette's routes below take in full (a GET route takes HEAD too); any other request
+# is the provider's API.
+_HEALTH: Final = frozenset({"/healthz", "/readyz"})
+_HEALTH_METHODS: Final = frozenset({"GET", "HEAD"})
+_ADMIN_METHODS: Final = frozenset(ALL_METHODS)
 
 
 class Runtime:
@@ -70,6 +75,9 @@ class Runtime:
             ),
             auto_decompress=True,
             trust_env=False,  # never route the real key through a proxy from the environment
+            # A provider's cookies are never kept: one key's would go out with every other
+            # key's requests to that host (and a jar costs a lookup per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent",),
         )
 
@@ -115,7 +123,38 @@ def formats() -> list[Format]:
     return [ANTHROPIC_FORMAT, GEMINI_FORMAT, OPENAI_FORMAT]
 
 
-def create_app(settings: Settings) -> Starlette:
+class Dispatch:
+    """The app the server runs: proxy requests go straight to the proxy, the rest (lifespan,
+    health, admin) to Starlette.
+
+    Starlette's routing and exception middleware cost the proxy, on every request, about what
+    its own checks do, and bring it nothing: it answers its own errors, in the provider's
+    dialect (an unexpected exception too, see Proxy.__call__). Requests are split as
+    Starlette's routes would split them: ``/healthz`` and ``/readyz`` by GET or HEAD, and
+    ``/admin`` and everything under it by one of ALL_METHODS; anything else is the provider's
+    API, which Starlette too would have routed to the proxy.
+    """
+
+    __slots__ = ("_proxy", "app")
+
+    def __init__(self, app: Starlette, proxy: Proxy) -> None:
+        self.app = app
+        self._proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not _for_starlette(scope["path"], scope["method"]):
+            await self._proxy(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def _for_starlette(path: str, method: str) -> bool:
+    if path.startswith("/admin") and (len(path) == 6 or path[6] == "/"):
+        return method in _ADMIN_METHODS
+    return path in _HEALTH and method in _HEALTH_METHODS
+
+
+def create_app(settings: Settings) -> Dispatch:
     keyring = load_keyring(settings)
     runtime = Runtime(settings)
     proxy = Proxy(
@@ -172,7 +211,8 @@ def create_app(settings: Settings) -> Starlette:
         *admin_routes,
         Route("/admin", admin_fallback, methods=ALL_METHODS),
         Route("/admin/{rest:path}", admin_fallback, methods=ALL_METHODS),
-        # Everything else is the provider's API, behind the scoped token.
+        # Everything else is the provider's API, behind the scoped token: Dispatch sends it to
+        # the proxy, and this route is never reached (kept so Starlette alone answers alike).
         Route("/{path:path}", proxy),
     ]
     app = Starlette(
@@ -181,4 +221,4 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
     app.state.runtime = runtime
-    return app
+    return Dispatch(app, proxy)

@@ -21,11 +21,13 @@ disagree, the model is treated as unknown and a warning is logged.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, Context, Decimal, localcontext
+from fractions import Fraction
 
 from genai_prices.data import providers as _bundled_providers
 from genai_prices.data_units import unit_data
@@ -136,6 +138,47 @@ class _Entry:
     # Set for the rare model whose price varies by time of day: cost is then computed with
     # genai-prices' full calculation on every call.
     slow: tuple[ModelInfo, Provider] | None = None
+    # The same prices as integers: cost without Decimal (see _Exact).
+    exact: _Exact | None = None
+
+
+_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class _Exact:
+    """An entry's cost in integer arithmetic: what ``_fast_cost`` computes, in micro-cents.
+
+    Each priced unit's count (genai-prices' leaf value: plain input is input less cache reads
+    and writes) is a fixed integer combination of our Usage's fields, ``leaves``. Each price,
+    in micro-cents per token, is a fraction with one common denominator: ``base`` and ``tiers``
+    hold the numerators (the tier picked as genai-prices' ``calc_unit_price`` picks it, by total
+    input tokens). So cost = ceil(sum(count x numerator) / denominator), exact, and a price
+    costs a third of the time it took in Decimal. Checked against it when the entry is resolved.
+    """
+
+    leaves: tuple[tuple[int, int, int, int], ...]  # per term: coefficients of _FIELDS
+    base: tuple[int, ...]  # per term
+    tiers: tuple[tuple[tuple[int, int], ...], ...]  # per term: (start, numerator), as listed
+    request: int  # numerator of the per-request fee (count 1)
+    denominator: int
+
+    def microcents(self, usage: Usage) -> int | None:
+        """None when a count would be negative (genai-prices refuses such usage)."""
+        i, o = usage.input_tokens, usage.output_tokens
+        cr, cw = usage.cache_read_tokens, usage.cache_write_tokens
+        total = self.request
+        for (a, b, c, d), base, tiers in zip(self.leaves, self.base, self.tiers, strict=True):
+            count = a * i + b * o + c * cr + d * cw
+            if count < 0:
+                return None
+            price = base
+            for start, numerator in reversed(tiers):
+                if i > start:
+                    price = numerator
+                    break
+            total += count * price
+        return -(-total // self.denominator)
 
 
 class Pricer:
@@ -176,6 +219,10 @@ class Pricer:
                         genai_request_timestamp=datetime.now(UTC),
                     ).total_price
                 else:
+                    if entry.exact is not None:
+                        cost = entry.exact.microcents(usage)
+                        if cost is not None:
+                            return cost
                     usd = _fast_cost(entry, usage)
                 return int((usd * _USD_TO_MICROCENTS).to_integral_value(rounding=ROUND_CEILING))
         except Exception:
@@ -243,7 +290,7 @@ class Pricer:
                 model_info.id,
             )
             return unknown
-        return entry
+        return _with_exact(entry)
 
 
 default_pricer = Pricer()
@@ -310,6 +357,78 @@ def _build_entry(day: int, rates: Rates, reachable: Mapping[str, tuple[UnitDef, 
         terms=tuple((key, reachable[key][0].per, reachable[key][1]) for key in token_keys),
         request_price=(request[0].per, request[1]) if request is not None else None,
     )
+
+
+def _with_exact(entry: _Entry) -> _Entry:
+    """The entry with its integer path, if that gives _fast_cost's figure on every probe."""
+    try:
+        exact = _exact(entry)
+        with localcontext(_DECIMAL_CTX):
+            for probe in _probe_usages(entry):
+                usd = _fast_cost(entry, probe)
+                want = int((usd * _USD_TO_MICROCENTS).to_integral_value(rounding=ROUND_CEILING))
+                if exact.microcents(probe) != want:
+                    logger.warning("the integer pricing path disagrees: Decimal path kept")
+                    return entry
+    except Exception as exc:  # a shape _exact does not take (a tiered per-request fee)
+        logger.warning("no integer pricing path (%s): Decimal path kept", exc)
+        return entry
+    return replace(entry, exact=exact)
+
+
+def _exact(entry: _Entry) -> _Exact:
+    assert entry.units is not None
+    keys = set(entry.usage_keys)
+    # Leaf values are linear in the usage: read each field's coefficient off genai-prices' own
+    # decomposition, one field raised by one over a usage where every leaf is positive.
+    big = 10**9
+    origin = Usage(4 * big, big, big, big)
+    at_origin = compute_leaf_values(keys, origin, entry.units)
+    rows: dict[str, list[int]] = {key: [] for key, _, _ in entry.terms}
+    for field in _FIELDS:
+        moved = replace(origin, **{field: getattr(origin, field) + 1})
+        after = compute_leaf_values(keys, moved, entry.units)
+        for key in rows:
+            rows[key].append(int(Decimal(after[key]) - Decimal(at_origin[key])))
+    # Micro-cents per token of every price, over one common denominator.
+    prices: list[Fraction] = []
+    for _, per, price in entry.terms:
+        for value in _all_prices(price):
+            prices.append(Fraction(value) * MICROCENTS_PER_USD / per)
+    if entry.request_price is not None:
+        per, price = entry.request_price
+        if isinstance(price, TieredPrices):
+            raise ValueError("a tiered per-request fee")
+        prices.append(Fraction(price) * MICROCENTS_PER_USD / per)
+    denominator = math.lcm(*(p.denominator for p in prices)) if prices else 1
+
+    def numerator(value: Decimal, per: int) -> int:
+        scaled = Fraction(value) * MICROCENTS_PER_USD / per * denominator
+        assert scaled.denominator == 1
+        return int(scaled)
+
+    base: list[int] = []
+    tiers: list[tuple[tuple[int, int], ...]] = []
+    for _, per, price in entry.terms:
+        if isinstance(price, TieredPrices):
+            base.append(numerator(price.base, per))
+            tiers.append(tuple((t.start, numerator(t.price, per)) for t in price.tiers))
+        else:
+            base.append(numerator(price, per))
+            tiers.append(())
+    request = 0
+    if entry.request_price is not None:
+        per, price = entry.request_price
+        assert isinstance(price, Decimal)
+        request = numerator(price, per)
+    coefficients = tuple((r[0], r[1], r[2], r[3]) for r in (rows[key] for key, _, _ in entry.terms))
+    return _Exact(coefficients, tuple(base), tuple(tiers), request, denominator)
+
+
+def _all_prices(price: _Price) -> list[Decimal]:
+    if isinstance(price, TieredPrices):
+        return [price.base, *(tier.price for tier in price.tiers)]
+    return [price]
 
 
 def _fast_cost(entry: _Entry, usage: Usage) -> Decimal:

@@ -71,10 +71,10 @@ DROP_REQUEST_HEADERS: Final = frozenset(
 )  # fmt: skip
 # Response headers never passed back: hop-by-hop, recomputed, or naming the key's owner.
 DROP_RESPONSE_HEADERS: Final = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
-     "proxy-authenticate", "content-length", "content-encoding", "set-cookie",
-     "openai-organization", "openai-project", "anthropic-organization-id", "alt-svc",
-     "date", "server"}
+    {b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+     b"proxy-authenticate", b"content-length", b"content-encoding", b"set-cookie",
+     b"openai-organization", b"openai-project", b"anthropic-organization-id", b"alt-svc",
+     b"date", b"server"}
 )  # fmt: skip
 # What aiohttp refuses to send in a header value (it would raise after the reservation) and
 # no provider wants: control characters. h11 and h2 let some through.
@@ -192,6 +192,13 @@ class Proxy:
         except (ClientGone, OSError):
             # The client went away; whatever it had reserved is settled already.
             return
+        except Exception:
+            # A bug: answered as a 500 if the response has not begun, then up to the server,
+            # which logs it (what Starlette's error middleware did in front of the proxy).
+            if not deadline.started:
+                error = ProxyError("internal_error", "Till failed to handle this request.")
+                await self._refuse(scope, deadline, error)
+            raise
         finally:
             deadline.close()
 
@@ -330,13 +337,12 @@ class Proxy:
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.settings.max_body_bytes
-        too_large = ProxyError("payload_too_large", f"Request bodies are limited to {limit} bytes.")
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise ProxyError("invalid_json", "Content-Length is not a number.")
             if int(declared) > limit:
-                raise too_large
+                raise _too_large(limit)
         chunks: list[bytes] = []
         size = 0
         # One deadline for the whole body: a client trickling bytes never falls silent long
@@ -351,7 +357,7 @@ class Proxy:
                     chunk = message.get("body", b"")
                     size += len(chunk)
                     if size > limit:
-                        raise too_large
+                        raise _too_large(limit)
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         return b"".join(chunks)
@@ -557,6 +563,10 @@ class Proxy:
         return 0
 
 
+def _too_large(limit: int) -> ProxyError:
+    return ProxyError("payload_too_large", f"Request bodies are limited to {limit} bytes.")
+
+
 def _broke_off(ex: Exchange, exc: BaseException, message: str) -> ProxyError:
     """A request sent upstream whose answer never came whole. Its usage is unknown, so a
     limited key is charged its hold, the upper bound (as for a stream that ends early); a key
@@ -701,10 +711,11 @@ def _upstream_query(query_string: bytes) -> list[tuple[str, str]]:
 def _response_headers(
     upstream: aiohttp.ClientResponse, request_id: str
 ) -> list[tuple[bytes, bytes]]:
+    # The bytes as received: nothing decoded to be encoded again.
     out = [
-        (k.lower().encode("latin-1"), v.encode("latin-1"))
-        for k, v in upstream.headers.items()
-        if k.lower() not in DROP_RESPONSE_HEADERS
+        (name, value)
+        for name, value in ((k.lower(), v) for k, v in upstream.raw_headers)
+        if name not in DROP_RESPONSE_HEADERS
     ]
     out.append((b"x-till-request-id", request_id.encode()))
     return out

@@ -36,9 +36,18 @@ class EventSplitter:
         data = self._tail + chunk if self._tail else chunk
         events: list[bytes] = []
         start = 0
-        for m in _BOUNDARY.finditer(data):
-            events.append(data[start : m.end()])
-            start = m.end()
+        if b"\r" in data:
+            for m in _BOUNDARY.finditer(data):
+                events.append(data[start : m.end()])
+                start = m.end()
+        else:
+            # What providers send: \n only. The same cuts as the pattern's, by bytes.find
+            # (the regex was most of the relay's own time).
+            end = data.find(b"\n\n")
+            while end >= 0:
+                events.append(data[start : end + 2])
+                start = end + 2
+                end = data.find(b"\n\n", start)
         self._tail = data[start:]
         return events
 
@@ -73,7 +82,7 @@ class WriteDeadline:
     """
 
     __slots__ = ("_cancelling", "_expired", "_loop", "_seconds", "_send", "_since", "_task",
-                 "_timer")  # fmt: skip
+                 "_timer", "started")  # fmt: skip
 
     def __init__(self, send: Send, seconds: float) -> None:
         self._send = send
@@ -84,6 +93,7 @@ class WriteDeadline:
         self._cancelling = 0
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
+        self.started = False  # a message was sent: the response has begun
 
     async def __call__(self, message: MutableMapping[str, Any]) -> None:
         if self._expired:
@@ -94,6 +104,7 @@ class WriteDeadline:
         self._since = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(self._since + self._seconds, self._check)
+        self.started = True
         try:
             await self._send(message)
         except asyncio.CancelledError:
