@@ -5,6 +5,7 @@ Each Till server's log is scanned when it stops: a key in any log line fails the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -210,6 +211,26 @@ def start_till(env: dict[str, str], log: Path, *args: str) -> Till:
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", proc=proc)
     return Till(url, env, Path(env["TILL_DATA_DIR"]), log, proc)
+
+
+def fire_chats(url: str, token: str, count: int) -> list[int]:
+    """``count`` chat requests at once through Till at ``url``, with ``token``: their statuses."""
+
+    async def fire() -> list[int]:
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as http:
+
+            async def one() -> int:
+                resp = await http.post(
+                    f"{url}/v1/chat/completions",
+                    headers={"authorization": f"Bearer {token}"},
+                    json={"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]},
+                )
+                return resp.status_code
+
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    return asyncio.run(fire())
 
 
 def assert_no_secrets(log: Path) -> None:

@@ -40,6 +40,7 @@ from tests.conftest import (
     Mock,
     Till,
     assert_no_secrets,
+    fire_chats,
     short_tmpdir,
     start_till,
     till_env,
@@ -602,21 +603,7 @@ def test_limit_is_exact_across_two_workers_on_the_cluster(
         token = key["scopedKey"]
         mock_upstream.reset()
 
-        async def fire() -> list[int]:
-            limits = httpx.Limits(max_connections=200)
-            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-
-                async def one() -> int:
-                    resp = await http.post(
-                        f"{server.url}/v1/chat/completions",
-                        headers={"authorization": f"Bearer {token}"},
-                        json={"model": "gpt-4o", "messages": MESSAGES},
-                    )
-                    return resp.status_code
-
-                return await asyncio.gather(*(one() for _ in range(200)))
-
-        statuses = asyncio.run(fire())
+        statuses = fire_chats(server.url, token, 200)
         assert Counter(statuses) == {200: 20, 402: 180}
         assert len(mock_upstream.requests()) == 20
         with server.admin(admin_key) as admin:

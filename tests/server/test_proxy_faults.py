@@ -18,6 +18,7 @@ from tests.conftest import (
     RedisServer,
     Till,
     assert_no_secrets,
+    fire_chats,
     short_tmpdir,
     start_redis,
     start_till,
@@ -180,21 +181,7 @@ def test_limit_is_exact_across_workers(
         token = str(new_key(server, admin_key, max_activations=50)["scopedKey"])
         mock_upstream.reset()
 
-        async def fire() -> list[int]:
-            limits = httpx.Limits(max_connections=200)
-            async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-
-                async def one() -> int:
-                    resp = await http.post(
-                        f"{server.url}/v1/chat/completions",
-                        headers={"authorization": f"Bearer {token}"},
-                        json={"model": "gpt-4o", "messages": MESSAGES},
-                    )
-                    return resp.status_code
-
-                return await asyncio.gather(*(one() for _ in range(400)))
-
-        statuses = asyncio.run(fire())
+        statuses = fire_chats(server.url, token, 400)
         assert statuses.count(200) == 50
         assert statuses.count(402) == 350
         assert len(mock_upstream.requests()) == 50
