@@ -3,7 +3,7 @@
 No server here: the functions the proxy runs on a request before it reserves anything are
 called directly, with what hypothesis makes of them.
 
-* ``_find_token`` and ``_upstream_query`` over any headers and query string: a token (str) or
+* ``find_token`` and ``_upstream_query`` over any headers and query string: a token (str) or
   None, never an exception; the client's ``key`` parameter never goes upstream.
 * ``decode_body`` over any bytes and over JSON-ish bodies written to hurt (lone surrogates,
   escaped and raw; integers past 64 bits; NaN and Infinity; wrong types in the fields Till
@@ -33,6 +33,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from till.server.access import find_token
 from till.server.providers.anthropic import ANTHROPIC_FORMAT, AnthropicProvider
 from till.server.providers.base import (
     MAX_ASKED_OUTPUT,
@@ -48,7 +49,7 @@ from till.server.providers.openai import (
     OPENAI_FORMAT,
     OpenAIProvider,
 )
-from till.server.proxy import NO_OUTPUT_KINDS, _find_token, _upstream_query
+from till.server.proxy import NO_OUTPUT_KINDS, _upstream_query
 
 FUZZ = settings(
     max_examples=300,
@@ -403,7 +404,7 @@ def came_from_headers(token: str, headers: dict[bytes, bytes]) -> bool:
 @FUZZ
 @given(st.dictionaries(HEADER_NAMES, HEADER_VALUES, max_size=6), QUERIES)
 def test_find_token_returns_a_string_or_none(headers: dict[bytes, bytes], query: bytes) -> None:
-    token = _find_token(headers, query)
+    token = find_token(headers, query)
     assert token is None or isinstance(token, str)
     if token is not None:
         # It came from the request: a header's value, or the query's key parameter.

@@ -134,10 +134,14 @@ def test_all_is_the_public_surface() -> None:
     errors = {
         "TillError", "AuthenticationError", "PermissionDeniedError", "NotFoundError",
         "ValidationError", "LimitError", "RateLimitError", "ServerError",
-        "APIConnectionError", "APITimeoutError",
+        "APIConnectionError", "APITimeoutError", "ConflictError",
     }  # fmt: skip
-    models = {"ScopedKey", "ScopedKeyCreate", "AccountSummary", "Tenant"}
-    assert set(till.__all__) == {"TillClient", "AsyncTillClient"} | errors | models
+    models = {
+        "ScopedKey", "ScopedKeyCreate", "ScopedKeyUpdate", "ChildKeyCreate", "AccountSummary",
+        "Tenant",
+    }  # fmt: skip
+    clients = {"TillClient", "AsyncTillClient", "KeyClient", "AsyncKeyClient"}
+    assert set(till.__all__) == clients | errors | models
     assert len(till.__all__) == len(set(till.__all__))
     for name in errors:
         assert issubclass(getattr(till, name), TillError)

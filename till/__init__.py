@@ -6,6 +6,14 @@
         key = client.create_key(provider="openai", upstream_key="sk-...", max_activations=50)
         print(key.scoped_key)  # shown once
 
+The key's holder, with the scoped key alone (``TILL_SCOPED_KEY``):
+
+    from till import KeyClient
+
+    with KeyClient() as mine:
+        print(mine.info().remaining_activations)
+        child = mine.create_child(max_activations=5, ttl_seconds=600)
+
 The server (``till serve``) is the ``till-ac[server]`` extra and is not imported here.
 """
 
@@ -14,8 +22,11 @@ from importlib import metadata as _metadata
 from till.client import (
     APIConnectionError,
     APITimeoutError,
+    AsyncKeyClient,
     AsyncTillClient,
     AuthenticationError,
+    ConflictError,
+    KeyClient,
     LimitError,
     NotFoundError,
     PermissionDeniedError,
@@ -25,7 +36,14 @@ from till.client import (
     TillError,
     ValidationError,
 )
-from till.models import AccountSummary, ScopedKey, ScopedKeyCreate, Tenant
+from till.models import (
+    AccountSummary,
+    ChildKeyCreate,
+    ScopedKey,
+    ScopedKeyCreate,
+    ScopedKeyUpdate,
+    Tenant,
+)
 
 try:
     __version__ = _metadata.version("till-ac")
@@ -36,14 +54,19 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "AccountSummary",
+    "AsyncKeyClient",
     "AsyncTillClient",
     "AuthenticationError",
+    "ChildKeyCreate",
+    "ConflictError",
+    "KeyClient",
     "LimitError",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
     "ScopedKey",
     "ScopedKeyCreate",
+    "ScopedKeyUpdate",
     "ServerError",
     "Tenant",
     "TillClient",

@@ -2,8 +2,10 @@
 
 Server-side commands import the server lazily, so the SDK alone (`pip install till-ac`) still
 gives a working `till --help`. `till keys` and `till account` talk to a running Till over HTTP
-(`--url` / TILL_URL, `--admin-key` / TILL_ADMIN_KEY) and exit 0 on success, 1 on an error from
-Till, 2 on a usage error, 3 when Till cannot be reached.
+(`--url` / TILL_URL, `--admin-key` / TILL_ADMIN_KEY); `till key` does what a scoped key's
+holder can do with the key alone, read from an environment variable (`--scoped-key-env`, else
+TILL_SCOPED_KEY), never from an argument that `ps` would show. They exit 0 on success, 1 on an
+error from Till, 2 on a usage error, 3 when Till cannot be reached.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from till.client import TillClient
+    from till.client import KeyClient, TillClient
     from till.models import AccountSummary, ScopedKey
 
 EXIT_OK = 0
@@ -270,11 +272,11 @@ def cmd_secrets_retire(args: argparse.Namespace) -> int:
 # --- till keys / till account (through the SDK) ---
 
 
-def _api(args: argparse.Namespace, work: Callable[[TillClient], None]) -> int:
-    from till.client import APIConnectionError, TillClient, TillError
+def _run(open_client: Callable[[], Any], work: Callable[[Any], None]) -> int:
+    from till.client import APIConnectionError, TillError
 
     try:
-        with TillClient(args.admin_key, args.url) as client:
+        with open_client() as client:
             work(client)
     except APIConnectionError as exc:
         print(f"till: [{exc.code}] {exc}", file=sys.stderr)
@@ -283,7 +285,27 @@ def _api(args: argparse.Namespace, work: Callable[[TillClient], None]) -> int:
         print(f"till: [{exc.code}] {exc}", file=sys.stderr)
         # No HTTP exchange and no connection failure: the flags or environment are incomplete.
         return EXIT_USAGE if exc.status_code == 0 else EXIT_ERROR
+    except ValueError as exc:  # refused by the SDK before anything was sent
+        print(f"till: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
+
+
+def _api(args: argparse.Namespace, work: Callable[[TillClient], None]) -> int:
+    from till.client import TillClient
+
+    return _run(lambda: TillClient(args.admin_key, args.url), work)
+
+
+def _holder(args: argparse.Namespace, work: Callable[[KeyClient], None]) -> int:
+    from till.client import KeyClient
+
+    var = args.scoped_key_env or "TILL_SCOPED_KEY"
+    token = os.environ.get(var, "").strip()
+    if not token:
+        print(f"till: no scoped key in environment variable {var}", file=sys.stderr)
+        return EXIT_USAGE
+    return _run(lambda: KeyClient(token, args.url), work)
 
 
 def _camel(name: str) -> str:
@@ -343,8 +365,27 @@ def _print_key(key: ScopedKey) -> None:
         ("created", key.created_at or "-"),
         ("last used", key.last_used_at or "never"),
     ]  # fmt: skip
+    if key.parent_id is not None:
+        rows.append(("parent", key.parent_id))
     for label, value in rows:
         print(f"{label + ':':<14} {value}")
+
+
+def _show(args: argparse.Namespace, key: ScopedKey) -> None:
+    if args.json:
+        print(_as_json(key))
+    else:
+        _print_key(key)
+
+
+def _show_new(args: argparse.Namespace, key: ScopedKey) -> None:
+    """A key just made: its token, shown this once, alone on the last line of stdout."""
+    print("Scoped key (shown once, save it now; Till cannot show it again):", file=sys.stderr)
+    if args.json:
+        print(_as_json(key))
+        return
+    _print_key(key)
+    print(key.scoped_key)
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -395,12 +436,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             rpm=args.rpm,
             max_concurrent=args.max_concurrent,
         )
-        print("Scoped key (shown once, save it now; Till cannot show it again):", file=sys.stderr)
-        if args.json:
-            print(_as_json(key))
-            return
-        _print_key(key)
-        print(key.scoped_key)
+        _show_new(args, key)
 
     return _api(args, work)
 
@@ -428,25 +464,82 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_get(args: argparse.Namespace) -> int:
-    def work(client: TillClient) -> None:
-        key = client.get_key(args.key_id)
-        if args.json:
-            print(_as_json(key))
-        else:
-            _print_key(key)
-
-    return _api(args, work)
+    return _api(args, lambda client: _show(args, client.get_key(args.key_id)))
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    return _api(args, lambda client: _show(args, client.revoke_key(args.key_id)))
+
+
+def cmd_keys_update(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {
+        "name": args.name,
+        "metadata": dict(args.metadata) if args.metadata else None,
+        "max_activations": args.max_activations,
+        "max_tokens": args.max_tokens,
+        "max_spend_cents": args.max_spend_cents,
+        "rpm": args.rpm,
+        "max_concurrent": args.max_concurrent,
+        "add_activations": args.add_activations,
+        "add_tokens": args.add_tokens,
+        "add_spend_cents": args.add_spend_cents,
+    }
+    removed = [name.replace("-", "_") for name in args.remove_limit or ()]
+    if not removed and all(value is None for value in changes.values()):
+        print("till: nothing to change (see till keys update --help)", file=sys.stderr)
+        return EXIT_USAGE
+
     def work(client: TillClient) -> None:
-        key = client.revoke_key(args.key_id)
-        if args.json:
-            print(_as_json(key))
-        else:
-            _print_key(key)
+        _show(args, client.update_key(args.key_id, remove_limits=removed, **changes))
 
     return _api(args, work)
+
+
+def cmd_keys_top_up(args: argparse.Namespace) -> int:
+    if args.activations is None and args.tokens is None and args.spend_cents is None:
+        print(
+            "till: nothing to add: give --activations, --tokens or --spend-cents", file=sys.stderr
+        )
+        return EXIT_USAGE
+
+    def work(client: TillClient) -> None:
+        key = client.top_up(
+            args.key_id,
+            activations=args.activations,
+            tokens=args.tokens,
+            spend_cents=args.spend_cents,
+        )
+        _show(args, key)
+
+    return _api(args, work)
+
+
+def cmd_key_info(args: argparse.Namespace) -> int:
+    return _holder(args, lambda client: _show(args, client.info()))
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> int:
+    return _holder(args, lambda client: _show(args, client.revoke()))
+
+
+def cmd_key_child(args: argparse.Namespace) -> int:
+    def work(client: KeyClient) -> None:
+        child = client.create_child(
+            args.max_activations,
+            name=args.name,
+            metadata=dict(args.metadata) if args.metadata else None,
+            max_tokens=args.max_tokens,
+            max_spend_cents=args.max_spend_cents,
+            expires_at=args.expires_at,
+            ttl_seconds=args.ttl_seconds,
+            allowed_models=args.allowed_model,
+            ip_whitelist=args.ip,
+            rpm=args.rpm,
+            max_concurrent=args.max_concurrent,
+        )
+        _show_new(args, child)
+
+    return _holder(args, work)
 
 
 def _print_account(account: AccountSummary) -> None:
@@ -497,6 +590,14 @@ def _metadata_item(text: str) -> tuple[str, str]:
     return name, value
 
 
+# The limits `keys update --remove-limit` lifts (the SDK's names with dashes).
+REMOVABLE = ("max-tokens", "max-spend-cents", "rpm", "max-concurrent")
+
+
+def _limit_name(text: str) -> str:
+    return text.strip().replace("_", "-")
+
+
 def _add_keys_parsers(sub: Any) -> None:
     api = argparse.ArgumentParser(add_help=False)
     api.add_argument("--url", help="Till's base URL (default: TILL_URL, else https://api.till.ac)")
@@ -506,7 +607,9 @@ def _add_keys_parsers(sub: Any) -> None:
     )
     api.add_argument("--json", action="store_true", help="machine-readable output")
 
-    keys = sub.add_parser("keys", help="create, list, inspect and revoke scoped keys")
+    keys = sub.add_parser(
+        "keys", help="create, list, inspect, change and revoke scoped keys (with the admin key)"
+    )
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = ksub.add_parser(
         "create",
@@ -570,10 +673,159 @@ def _add_keys_parsers(sub: Any) -> None:
     revoke.add_argument("key_id", metavar="ID")
     revoke.set_defaults(func=cmd_keys_revoke)
 
+    update = ksub.add_parser(
+        "update",
+        parents=[api],
+        help="change a key's name, metadata or limits",
+        description="Change a live key's name, metadata or limits; every worker sees the change "
+        "at once. --max-* set a limit, --add-* raise one atomically (not both for one limit), "
+        "--remove-limit lifts one. A key exhausted with room again is active; a limit lowered "
+        "to what the key has used exhausts it. What is sealed in the token (provider, upstream "
+        "key, IPs, models, expiry) cannot change. A revoked key cannot change (exit 1, "
+        "already_revoked).",
+    )
+    update.add_argument("key_id", metavar="ID", help="the key's id (see keys list)")
+    update.add_argument("--name", help="a new name (metadata name)")
+    update.add_argument(
+        "--metadata", action="extend", nargs="+", type=_metadata_item, metavar="KEY=VALUE",
+        help="replace the metadata with these entries (the name goes too, unless --name)",
+    )  # fmt: skip
+    limits = update.add_argument_group("set a limit")
+    limits.add_argument(
+        "--max-activations", type=_positive_int, metavar="N", help="requests the key may make"
+    )
+    limits.add_argument(
+        "--max-tokens", type=_positive_int, metavar="N", help="input + output tokens"
+    )
+    limits.add_argument("--max-spend-cents", type=_positive_int, metavar="N", help="cost ceiling")
+    limits.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute")
+    limits.add_argument(
+        "--max-concurrent", type=_positive_int, metavar="N", help="requests in flight at once"
+    )
+    adds = update.add_argument_group("raise a limit (a top-up)")
+    adds.add_argument(
+        "--add-activations", type=_positive_int, metavar="N", help="add N to max activations"
+    )
+    adds.add_argument(
+        "--add-tokens", type=_positive_int, metavar="N",
+        help="add N to max tokens (the key must have a token limit)",
+    )  # fmt: skip
+    adds.add_argument(
+        "--add-spend-cents", type=_positive_int, metavar="N",
+        help="add N to max spend (the key must have a spend limit)",
+    )  # fmt: skip
+    update.add_argument(
+        "--remove-limit", action="extend", nargs="+", type=_limit_name, choices=REMOVABLE,
+        metavar="NAME", help=f"lift limits: {', '.join(REMOVABLE)}",
+    )  # fmt: skip
+    update.set_defaults(func=cmd_keys_update)
+
+    top_up = ksub.add_parser(
+        "top-up",
+        parents=[api],
+        help="add activations, tokens or cents to a key's limits",
+        description="Raise a key's limits atomically (the same as keys update --add-*). A key "
+        "exhausted with room again is active. Not repeated on a lost answer: check with keys "
+        "get before trying again.",
+    )
+    top_up.add_argument("key_id", metavar="ID", help="the key's id (see keys list)")
+    top_up.add_argument("--activations", type=_positive_int, metavar="N", help="requests to add")
+    top_up.add_argument(
+        "--tokens", type=_positive_int, metavar="N",
+        help="tokens to add (the key must have a token limit)",
+    )  # fmt: skip
+    top_up.add_argument(
+        "--spend-cents", type=_positive_int, metavar="N",
+        help="cents to add (the key must have a spend limit)",
+    )  # fmt: skip
+    top_up.set_defaults(func=cmd_keys_top_up)
+
     account = sub.add_parser(
         "account", parents=[api], help="the account: plan, live keys, activations this month"
     )
     account.set_defaults(func=cmd_account)
+
+
+def _add_key_parsers(sub: Any) -> None:
+    holder = argparse.ArgumentParser(add_help=False)
+    holder.add_argument(
+        "--url", help="Till's base URL (default: TILL_URL, else https://api.till.ac)"
+    )
+    holder.add_argument(
+        "--scoped-key-env", metavar="VAR",
+        help="the environment variable holding the scoped key (default: TILL_SCOPED_KEY)",
+    )  # fmt: skip
+    holder.add_argument("--json", action="store_true", help="machine-readable output")
+
+    key = sub.add_parser(
+        "key",
+        help="as a scoped key's holder, with the key alone: inspect, revoke, child keys",
+        description="Commands for the holder of a scoped key, authenticated with that key. The "
+        "key is read from an environment variable (TILL_SCOPED_KEY, or the one --scoped-key-env "
+        "names), never from the command line, where ps would show it.",
+    )
+    ksub = key.add_subparsers(dest="key_command", required=True, metavar="ACTION")
+    info = ksub.add_parser(
+        "info",
+        parents=[holder],
+        help="the key's own view: status, limits, what is left",
+        description="Show the scoped key: status, limits and what it can really still use "
+        "(for a child key, also within what its parents have left).",
+    )
+    info.set_defaults(func=cmd_key_info)
+    revoke = ksub.add_parser(
+        "revoke",
+        parents=[holder],
+        help="revoke the key (and its child keys) at once",
+        description="Revoke the scoped key and every child key made from it; they answer 401 "
+        "from then on. There is no undo.",
+    )
+    revoke.set_defaults(func=cmd_key_revoke)
+    child = ksub.add_parser(
+        "child",
+        parents=[holder],
+        help="make a child key within this key's limits; its token is the last line of stdout",
+        description="Make a child key: the same provider and upstream key, limits that fit in "
+        "what this key has left, models and IPs within this key's, an expiry no later than its "
+        "own. Every request of the child also counts against this key, and revoking this key "
+        "revokes the child. The child's token is printed once, alone on the last line of "
+        "stdout (inside the JSON with --json); a reminder to save it goes to stderr.",
+    )
+    child.add_argument(
+        "--max-activations", type=_positive_int, required=True, metavar="N",
+        help="requests the child may make",
+    )  # fmt: skip
+    child.add_argument("--name", help="a name, stored as metadata name")
+    child.add_argument(
+        "--metadata", action="extend", nargs="+", type=_metadata_item, metavar="KEY=VALUE",
+        help="metadata entries (string values)",
+    )  # fmt: skip
+    child.add_argument(
+        "--max-tokens", type=_positive_int, metavar="N", help="input + output tokens"
+    )
+    child.add_argument("--max-spend-cents", type=_positive_int, metavar="N", help="cost ceiling")
+    expiry = child.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--ttl-seconds", "--ttl", type=_positive_int, metavar="SECONDS",
+        help="the child expires this much later (never after this key)",
+    )  # fmt: skip
+    expiry.add_argument(
+        "--expires-at", metavar="TIME",
+        help="when the child expires, RFC 3339 with a timezone (2030-01-31T12:00:00Z)",
+    )  # fmt: skip
+    child.add_argument(
+        "--allowed-model", "--model", action="extend", nargs="+", metavar="MODEL",
+        help="models the child may use, within this key's: exact names or prefixes ending in *",
+    )  # fmt: skip
+    child.add_argument(
+        "--ip", action="extend", nargs="+", metavar="CIDR",
+        help="allowed client IPs or CIDRs, within this key's",
+    )  # fmt: skip
+    child.add_argument("--rpm", type=_positive_int, metavar="N", help="requests per minute")
+    child.add_argument(
+        "--max-concurrent", type=_positive_int, metavar="N", help="requests in flight at once"
+    )
+    child.set_defaults(func=cmd_key_child)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +888,7 @@ def build_parser() -> argparse.ArgumentParser:
         step.set_defaults(func=func)
 
     _add_keys_parsers(sub)
+    _add_key_parsers(sub)
     return parser
 
 

@@ -1,8 +1,11 @@
-"""The SDK clients: ``TillClient`` and ``AsyncTillClient`` over Till's admin API.
+"""The SDK clients: ``TillClient`` and ``AsyncTillClient`` over Till's admin API (with an
+admin key), ``KeyClient`` and ``AsyncKeyClient`` over a scoped key's own endpoints (with the
+scoped key itself: its view, its revocation, its child keys).
 
 Every decision lives in ``_BaseClient``, which does no I/O: reading the configuration, building
 requests, deciding whether to retry and how long to wait, turning responses into models or
-errors. The two clients only send requests and sleep, and mirror each other name for name.
+errors. ``_AdminCalls`` and ``_KeyCalls`` say what each method sends, still without I/O; the
+sync and async clients only send requests and sleep, and mirror each other name for name.
 
 Errors are data. Every failure is a ``TillError`` with a stable machine ``code``, the HTTP
 ``status_code``, a human message (``str(e)``), the server's ``request_id`` when it sent one, and
@@ -10,16 +13,18 @@ any extra fields of the error body (``limit``, ``used``, ``remaining``, all in `
 One subclass per kind of failure; ``status_code`` is ``0`` when no HTTP response was received
 (connection failure, timeout, or a client that could not be configured), so it is always an int.
 Codes made by the SDK itself: ``connection_error``, ``timeout``, ``invalid_response``,
-``missing_admin_key``, ``invalid_base_url``; ``unknown`` when an error response had no code.
+``missing_admin_key``, ``missing_scoped_key``, ``invalid_base_url``; ``unknown`` when an error
+response had no code.
 
 Retries (``max_retries``, default 2, so at most 3 attempts). Reads and revocations (GET,
 DELETE: idempotent) are retried on connection failures, timeouts, 429 and 5xx, with exponential
 backoff (0.5 s, 1 s, 2 s, ... capped at 8 s, minus up to 25 % jitter) or exactly the delay a
-``Retry-After`` header asks for; a ``Retry-After`` over 60 s ends the retries. ``create_key``
-(POST) is retried only when the request provably never left the machine: the connection could
-not be opened (``ConnectError``, ``ConnectTimeout``) or no pooled connection came free
-(``PoolTimeout``). Any later failure may have created the key, and a second key would count
-against the plan, so it is reported rather than repeated.
+``Retry-After`` header asks for; a ``Retry-After`` over 60 s ends the retries. ``create_key``,
+``create_child`` (POST), ``update_key`` and ``top_up`` (PATCH) are retried only when the
+request provably never left the machine: the connection could not be opened (``ConnectError``,
+``ConnectTimeout``) or no pooled connection came free (``PoolTimeout``). Any later failure may
+have created the key (a second one would count against the plan) or applied the top-up (a
+second one would add twice), so it is reported rather than repeated.
 """
 
 from __future__ import annotations
@@ -29,12 +34,12 @@ import email.utils
 import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata as _metadata
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, ClassVar, Final, Generic, Self, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -43,6 +48,7 @@ from till.errors import (
     APIConnectionError,
     APITimeoutError,
     AuthenticationError,
+    ConflictError,
     LimitError,
     NotFoundError,
     PermissionDeniedError,
@@ -52,13 +58,22 @@ from till.errors import (
     ValidationError,
     error_class,
 )
-from till.models import AccountSummary, ScopedKey, ScopedKeyCreate
+from till.models import (
+    AccountSummary,
+    ChildKeyCreate,
+    ScopedKey,
+    ScopedKeyCreate,
+    ScopedKeyUpdate,
+)
 
 __all__ = [
     "APIConnectionError",
     "APITimeoutError",
+    "AsyncKeyClient",
     "AsyncTillClient",
     "AuthenticationError",
+    "ConflictError",
+    "KeyClient",
     "LimitError",
     "NotFoundError",
     "PermissionDeniedError",
@@ -189,22 +204,42 @@ def _backoff(attempt: int) -> float:
     return delay * (1 - 0.25 * random.random())
 
 
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """The secret a client authenticates with: its argument, its variable, its missing code."""
+
+    argument: str
+    env: str
+    missing_code: str
+    label: str
+
+
+_ADMIN_KEY: Final = _Credential("admin_key", "TILL_ADMIN_KEY", "missing_admin_key", "admin key")
+_SCOPED_KEY: Final = _Credential(
+    "scoped_key", "TILL_SCOPED_KEY", "missing_scoped_key", "scoped key"
+)
+
+
 class _BaseClient:
     """Configuration, requests, retry decisions and responses: all of it, none of the I/O."""
 
+    _credential: ClassVar[_Credential]
+
     def __init__(
         self,
-        admin_key: str | None,
+        secret: str | None,
         base_url: str | None,
         timeout: float | None,
         max_retries: int,
     ) -> None:
-        key = (admin_key or os.environ.get("TILL_ADMIN_KEY") or "").strip()
-        if not key:
+        source = self._credential
+        token = (secret or os.environ.get(source.env) or "").strip()
+        if not token:
             raise TillError(
                 0,
-                "missing_admin_key",
-                "No admin key: pass admin_key=... or set the TILL_ADMIN_KEY environment variable.",
+                source.missing_code,
+                f"No {source.label}: pass {source.argument}=... or set the {source.env} "
+                "environment variable.",
             )
         url = (base_url or os.environ.get("TILL_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
         try:
@@ -217,29 +252,15 @@ class _BaseClient:
             )
         if max_retries < 0:
             raise ValueError("max_retries must be 0 or more")
-        self._admin_key = key
+        # The token goes in the authorization header and nowhere else: not in a repr, a URL or
+        # an error message.
+        self._token = token
         self.base_url = url
         self.timeout = timeout
         self.max_retries = max_retries
 
-    # What each method sends.
-
-    def _account(self) -> _Call[AccountSummary]:
-        return _Call("GET", "/admin/account", _parse_account)
-
-    def _create_key(self, params: ScopedKeyCreate) -> _Call[ScopedKey]:
-        return _Call("POST", "/admin/keys", _parse_key, params.to_dict())
-
-    def _list_keys(self) -> _Call[list[ScopedKey]]:
-        return _Call("GET", "/admin/keys", _parse_keys)
-
-    def _get_key(self, key_id: str) -> _Call[ScopedKey]:
-        return _Call("GET", _key_path(key_id), _parse_key)
-
-    def _revoke_key(self, key_id: str) -> _Call[ScopedKey]:
-        return _Call("DELETE", _key_path(key_id), _parse_key)
-
-    # How it travels and what comes back.
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
 
     def _build_request(self, call: _Call[Any]) -> httpx.Request:
         # The timeout rides on the request, so an injected http_client gets ours too.
@@ -247,7 +268,7 @@ class _BaseClient:
             call.method,
             self.base_url + call.path,
             headers={
-                "authorization": f"Bearer {self._admin_key}",
+                "authorization": f"Bearer {self._token}",
                 "accept": "application/json",
                 "user-agent": f"till-python/{_VERSION}",
             },
@@ -300,6 +321,62 @@ class _BaseClient:
             ) from None
 
 
+# --- what each method sends, still without I/O ---
+
+
+class _AdminCalls(_BaseClient):
+    """The admin API, with an admin key."""
+
+    _credential = _ADMIN_KEY
+
+    def _account(self) -> _Call[AccountSummary]:
+        return _Call("GET", "/admin/account", _parse_account)
+
+    def _create_key(self, params: ScopedKeyCreate) -> _Call[ScopedKey]:
+        return _Call("POST", "/admin/keys", _parse_key, params.to_dict())
+
+    def _list_keys(self) -> _Call[list[ScopedKey]]:
+        return _Call("GET", "/admin/keys", _parse_keys)
+
+    def _get_key(self, key_id: str) -> _Call[ScopedKey]:
+        return _Call("GET", _key_path(key_id), _parse_key)
+
+    def _revoke_key(self, key_id: str) -> _Call[ScopedKey]:
+        return _Call("DELETE", _key_path(key_id), _parse_key)
+
+    def _update_key(self, key_id: str, params: ScopedKeyUpdate) -> _Call[ScopedKey]:
+        body = params.to_dict()
+        if not body:
+            raise ValueError("update_key needs at least one change")
+        # PATCH is not in IDEMPOTENT_METHODS: a top-up repeated would add twice.
+        return _Call("PATCH", _key_path(key_id), _parse_key, body)
+
+    def _top_up(
+        self, key_id: str, activations: int | None, tokens: int | None, spend_cents: int | None
+    ) -> _Call[ScopedKey]:
+        if activations is None and tokens is None and spend_cents is None:
+            raise ValueError("top_up needs activations, tokens or spend_cents")
+        params = ScopedKeyUpdate(
+            add_activations=activations, add_tokens=tokens, add_spend_cents=spend_cents
+        )
+        return self._update_key(key_id, params)
+
+
+class _KeyCalls(_BaseClient):
+    """A scoped key's own endpoints, with the scoped key."""
+
+    _credential = _SCOPED_KEY
+
+    def _info(self) -> _Call[ScopedKey]:
+        return _Call("GET", "/v1/till/key", _parse_key)
+
+    def _revoke(self) -> _Call[ScopedKey]:
+        return _Call("DELETE", "/v1/till/key", _parse_key)
+
+    def _create_child(self, params: ChildKeyCreate) -> _Call[ScopedKey]:
+        return _Call("POST", "/v1/till/keys", _parse_key, params.to_dict())
+
+
 def _create_params(
     provider: str, upstream_key: str, max_activations: int, **options: Any
 ) -> ScopedKeyCreate:
@@ -308,10 +385,106 @@ def _create_params(
     )
 
 
-# --- the clients: I/O only ---
+def _update_params(remove_limits: Sequence[str], **changes: Any) -> ScopedKeyUpdate:
+    if isinstance(remove_limits, str):
+        # tuple("rpm") would be three unknown limits.
+        raise ValueError(f"remove_limits takes a list of names, such as [{remove_limits!r}]")
+    return ScopedKeyUpdate(remove_limits=tuple(remove_limits), **changes)
 
 
-class TillClient(_BaseClient):
+# --- I/O only: sending, sleeping, closing ---
+
+
+class _SyncIO(_BaseClient):
+    _http: httpx.Client
+    _owns_http: bool
+
+    def _use(self, http_client: httpx.Client | None) -> None:
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client()
+
+    def close(self) -> None:
+        """Close the connections, unless the ``http_client`` was passed in (it stays yours)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _request(self, call: _Call[T]) -> T:
+        attempt = 0
+        while True:
+            request = self._build_request(call)
+            try:
+                response = self._http.send(request)
+            except httpx.HTTPError as exc:
+                delay = self._retry_delay(call, attempt, error=exc)
+                if delay is None:
+                    raise _transport_error(exc, request.url) from None
+            else:
+                delay = self._retry_delay(call, attempt, response=response)
+                if delay is None:
+                    return self._process(call, response)
+                response.close()
+            time.sleep(delay)
+            attempt += 1
+
+
+class _AsyncIO(_BaseClient):
+    _http: httpx.AsyncClient
+    _owns_http: bool
+
+    def _use(self, http_client: httpx.AsyncClient | None) -> None:
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.AsyncClient()
+
+    async def close(self) -> None:
+        """Close the connections, unless the ``http_client`` was passed in (it stays yours)."""
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def _request(self, call: _Call[T]) -> T:
+        attempt = 0
+        while True:
+            request = self._build_request(call)
+            try:
+                response = await self._http.send(request)
+            except httpx.HTTPError as exc:
+                delay = self._retry_delay(call, attempt, error=exc)
+                if delay is None:
+                    raise _transport_error(exc, request.url) from None
+            else:
+                delay = self._retry_delay(call, attempt, response=response)
+                if delay is None:
+                    return self._process(call, response)
+                await response.aclose()
+            await asyncio.sleep(delay)
+            attempt += 1
+
+
+# --- the clients ---
+
+
+class TillClient(_SyncIO, _AdminCalls):
     """Manage scoped keys. ``admin_key`` defaults to ``TILL_ADMIN_KEY``, ``base_url`` to
     ``TILL_URL`` and then https://api.till.ac. An ``http_client`` you pass stays yours to close.
     """
@@ -326,8 +499,7 @@ class TillClient(_BaseClient):
         http_client: httpx.Client | None = None,
     ) -> None:
         super().__init__(admin_key, base_url, timeout, max_retries)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.Client()
+        self._use(http_client)
 
     def account(self) -> AccountSummary:
         """The account: live keys, activations this month, the tenant and its plan."""
@@ -373,45 +545,55 @@ class TillClient(_BaseClient):
         """One key by id; ``NotFoundError`` if the account has no such key."""
         return self._request(self._get_key(key_id))
 
+    def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_activations: int | None = None,
+        max_tokens: int | None = None,
+        max_spend_cents: int | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
+        add_activations: int | None = None,
+        add_tokens: int | None = None,
+        add_spend_cents: int | None = None,
+        remove_limits: Sequence[str] = (),
+    ) -> ScopedKey:
+        """Change a key's name, metadata or limits at once, for every worker. Not retried.
+
+        ``max_*``, ``rpm``, ``max_concurrent`` set a limit; ``add_*`` raise one atomically;
+        ``remove_limits`` lifts limits by name (``max_tokens``, ``max_spend_cents``, ``rpm``,
+        ``max_concurrent``). ``metadata`` replaces the metadata, then ``name`` is set in it. An
+        exhausted key with room again is active; a limit lowered to its use exhausts it.
+        ``ConflictError`` (``already_revoked``) for a revoked key, ``ValueError`` for no change.
+        """
+        params = _update_params(
+            remove_limits, name=name, metadata=metadata, max_activations=max_activations,
+            max_tokens=max_tokens, max_spend_cents=max_spend_cents, rpm=rpm,
+            max_concurrent=max_concurrent, add_activations=add_activations,
+            add_tokens=add_tokens, add_spend_cents=add_spend_cents,
+        )  # fmt: skip
+        return self._request(self._update_key(key_id, params))
+
+    def top_up(
+        self,
+        key_id: str,
+        *,
+        activations: int | None = None,
+        tokens: int | None = None,
+        spend_cents: int | None = None,
+    ) -> ScopedKey:
+        """Add to a key's limits atomically (``update_key(add_...)``). Not retried."""
+        return self._request(self._top_up(key_id, activations, tokens, spend_cents))
+
     def revoke_key(self, key_id: str) -> ScopedKey:
         """Revoke a key at once; it answers 401 from then on. Returns the revoked key."""
         return self._request(self._revoke_key(key_id))
 
-    def close(self) -> None:
-        if self._owns_http:
-            self._http.close()
 
-    def __enter__(self) -> TillClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def _request(self, call: _Call[T]) -> T:
-        attempt = 0
-        while True:
-            request = self._build_request(call)
-            try:
-                response = self._http.send(request)
-            except httpx.HTTPError as exc:
-                delay = self._retry_delay(call, attempt, error=exc)
-                if delay is None:
-                    raise _transport_error(exc, request.url) from None
-            else:
-                delay = self._retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return self._process(call, response)
-                response.close()
-            time.sleep(delay)
-            attempt += 1
-
-
-class AsyncTillClient(_BaseClient):
+class AsyncTillClient(_AsyncIO, _AdminCalls):
     """``TillClient`` for asyncio: the same methods, awaited. Use ``async with`` or ``close()``."""
 
     def __init__(
@@ -424,8 +606,7 @@ class AsyncTillClient(_BaseClient):
         http_client: httpx.AsyncClient | None = None,
     ) -> None:
         super().__init__(admin_key, base_url, timeout, max_retries)
-        self._owns_http = http_client is None
-        self._http = http_client if http_client is not None else httpx.AsyncClient()
+        self._use(http_client)
 
     async def account(self) -> AccountSummary:
         """The account: live keys, activations this month, the tenant and its plan."""
@@ -471,39 +652,164 @@ class AsyncTillClient(_BaseClient):
         """One key by id; ``NotFoundError`` if the account has no such key."""
         return await self._request(self._get_key(key_id))
 
+    async def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_activations: int | None = None,
+        max_tokens: int | None = None,
+        max_spend_cents: int | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
+        add_activations: int | None = None,
+        add_tokens: int | None = None,
+        add_spend_cents: int | None = None,
+        remove_limits: Sequence[str] = (),
+    ) -> ScopedKey:
+        """Change a key's name, metadata or limits at once, for every worker. Not retried.
+
+        ``max_*``, ``rpm``, ``max_concurrent`` set a limit; ``add_*`` raise one atomically;
+        ``remove_limits`` lifts limits by name (``max_tokens``, ``max_spend_cents``, ``rpm``,
+        ``max_concurrent``). ``metadata`` replaces the metadata, then ``name`` is set in it. An
+        exhausted key with room again is active; a limit lowered to its use exhausts it.
+        ``ConflictError`` (``already_revoked``) for a revoked key, ``ValueError`` for no change.
+        """
+        params = _update_params(
+            remove_limits, name=name, metadata=metadata, max_activations=max_activations,
+            max_tokens=max_tokens, max_spend_cents=max_spend_cents, rpm=rpm,
+            max_concurrent=max_concurrent, add_activations=add_activations,
+            add_tokens=add_tokens, add_spend_cents=add_spend_cents,
+        )  # fmt: skip
+        return await self._request(self._update_key(key_id, params))
+
+    async def top_up(
+        self,
+        key_id: str,
+        *,
+        activations: int | None = None,
+        tokens: int | None = None,
+        spend_cents: int | None = None,
+    ) -> ScopedKey:
+        """Add to a key's limits atomically (``update_key(add_...)``). Not retried."""
+        return await self._request(self._top_up(key_id, activations, tokens, spend_cents))
+
     async def revoke_key(self, key_id: str) -> ScopedKey:
         """Revoke a key at once; it answers 401 from then on. Returns the revoked key."""
         return await self._request(self._revoke_key(key_id))
 
-    async def close(self) -> None:
-        if self._owns_http:
-            await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncTillClient:
-        return self
+class KeyClient(_SyncIO, _KeyCalls):
+    """What the holder of a scoped key can do with the key alone: read its own view, revoke
+    it, make child keys within its limits. ``scoped_key`` defaults to ``TILL_SCOPED_KEY``,
+    ``base_url`` to ``TILL_URL`` and then https://api.till.ac (Till's root, not ``/v1``).
+    """
 
-    async def __aexit__(
+    def __init__(
         self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+        scoped_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.Client | None = None,
     ) -> None:
-        await self.close()
+        super().__init__(scoped_key, base_url, timeout, max_retries)
+        self._use(http_client)
 
-    async def _request(self, call: _Call[T]) -> T:
-        attempt = 0
-        while True:
-            request = self._build_request(call)
-            try:
-                response = await self._http.send(request)
-            except httpx.HTTPError as exc:
-                delay = self._retry_delay(call, attempt, error=exc)
-                if delay is None:
-                    raise _transport_error(exc, request.url) from None
-            else:
-                delay = self._retry_delay(call, attempt, response=response)
-                if delay is None:
-                    return self._process(call, response)
-                await response.aclose()
-            await asyncio.sleep(delay)
-            attempt += 1
+    def info(self) -> ScopedKey:
+        """The key's own view: ``remaining_*`` is what it can really still use (for a child,
+        within its ancestors' budgets too); ``metadata`` holds only its name."""
+        return self._request(self._info())
+
+    def revoke(self) -> ScopedKey:
+        """Revoke this key and its children at once; returns the revoked key. Retried like a
+        read: revoking a revoked key answers the same again."""
+        return self._request(self._revoke())
+
+    def create_child(
+        self,
+        max_activations: int,
+        *,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        max_spend_cents: int | None = None,
+        expires_at: datetime | str | None = None,
+        ttl_seconds: int | None = None,
+        allowed_models: list[str] | None = None,
+        ip_whitelist: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> ScopedKey:
+        """Make a child key, its token in ``.scoped_key`` (shown this once). Not retried.
+
+        Same provider and upstream key; each limit must fit in what this key has left
+        (``LimitError``, ``parent_limit_exceeded``), models and IPs within this key's, and it
+        expires no later. Every request of the child also counts against this key; revoking
+        this key revokes the child.
+        """
+        params = ChildKeyCreate(
+            max_activations, name=name, metadata=metadata, max_tokens=max_tokens,
+            max_spend_cents=max_spend_cents, expires_at=expires_at, ttl_seconds=ttl_seconds,
+            allowed_models=allowed_models, ip_whitelist=ip_whitelist, rpm=rpm,
+            max_concurrent=max_concurrent,
+        )  # fmt: skip
+        return self._request(self._create_child(params))
+
+
+class AsyncKeyClient(_AsyncIO, _KeyCalls):
+    """``KeyClient`` for asyncio: the same methods, awaited. Use ``async with`` or ``close()``."""
+
+    def __init__(
+        self,
+        scoped_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__(scoped_key, base_url, timeout, max_retries)
+        self._use(http_client)
+
+    async def info(self) -> ScopedKey:
+        """The key's own view: ``remaining_*`` is what it can really still use (for a child,
+        within its ancestors' budgets too); ``metadata`` holds only its name."""
+        return await self._request(self._info())
+
+    async def revoke(self) -> ScopedKey:
+        """Revoke this key and its children at once; returns the revoked key. Retried like a
+        read: revoking a revoked key answers the same again."""
+        return await self._request(self._revoke())
+
+    async def create_child(
+        self,
+        max_activations: int,
+        *,
+        name: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        max_tokens: int | None = None,
+        max_spend_cents: int | None = None,
+        expires_at: datetime | str | None = None,
+        ttl_seconds: int | None = None,
+        allowed_models: list[str] | None = None,
+        ip_whitelist: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrent: int | None = None,
+    ) -> ScopedKey:
+        """Make a child key, its token in ``.scoped_key`` (shown this once). Not retried.
+
+        Same provider and upstream key; each limit must fit in what this key has left
+        (``LimitError``, ``parent_limit_exceeded``), models and IPs within this key's, and it
+        expires no later. Every request of the child also counts against this key; revoking
+        this key revokes the child.
+        """
+        params = ChildKeyCreate(
+            max_activations, name=name, metadata=metadata, max_tokens=max_tokens,
+            max_spend_cents=max_spend_cents, expires_at=expires_at, ttl_seconds=ttl_seconds,
+            allowed_models=allowed_models, ip_whitelist=ip_whitelist, rpm=rpm,
+            max_concurrent=max_concurrent,
+        )  # fmt: skip
+        return await self._request(self._create_child(params))

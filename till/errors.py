@@ -32,6 +32,14 @@ STATUS: Final[dict[str, int]] = {
     "ip_not_allowed": 403,
     "model_not_allowed": 403,
     "unknown_model_price": 400,
+    # key lifecycle: PATCH of a revoked key, a child asking more than its parent has left
+    "already_revoked": 409,
+    "parent_limit_exceeded": 402,
+    # Idempotency-Key: a retry while the first call runs (retryable), after it completed
+    # (final: the answer went to the first call), or with another body under the same key
+    "idempotency_in_progress": 409,
+    "idempotent_request_completed": 409,
+    "idempotency_key_reused": 422,
     # budgets: the SDKs of every provider treat 402 as final (no retry loop)
     "activation_limit_reached": 402,
     "token_limit_reached": 402,
@@ -134,6 +142,10 @@ class RateLimitError(TillError):
     reads before it reaches you."""
 
 
+class ConflictError(TillError):
+    """409: the key is revoked already, or an idempotent call is running or done."""
+
+
 class ServerError(TillError):
     """5xx: Till or its store failed; retried for reads before it reaches you."""
 
@@ -160,6 +172,7 @@ def error_class(status: int, code: str) -> type[TillError]:
         401: AuthenticationError,
         403: PermissionDeniedError,
         404: NotFoundError,
+        409: ConflictError,
         413: ValidationError,
         431: ValidationError,
         422: ValidationError,

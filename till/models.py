@@ -11,9 +11,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-__all__ = ["AccountSummary", "ScopedKey", "ScopedKeyCreate", "Tenant"]
+__all__ = [
+    "AccountSummary",
+    "ChildKeyCreate",
+    "ScopedKey",
+    "ScopedKeyCreate",
+    "ScopedKeyUpdate",
+    "Tenant",
+]
+
+# The limits an update can remove (sent as JSON null); max_activations always has a value.
+REMOVABLE_LIMITS: Final = ("max_tokens", "max_spend_cents", "rpm", "max_concurrent")
 
 
 def _str(data: Mapping[str, Any], name: str, default: str = "") -> str:
@@ -94,6 +104,8 @@ class ScopedKey:
     rpm: int | None = None
     max_concurrent: int | None = None
     in_flight: int = 0
+    # The key this one was made from (``KeyClient.create_child``); None for a key an admin made.
+    parent_id: str | None = None
 
     @property
     def name(self) -> str | None:
@@ -148,7 +160,49 @@ class ScopedKey:
             rpm=_opt_int(data, "rpm"),
             max_concurrent=_opt_int(data, "maxConcurrent"),
             in_flight=_int(data, "inFlight"),
+            parent_id=_opt_str(data, "parentId"),
         )
+
+
+def _options(
+    *,
+    name: str | None,
+    metadata: Mapping[str, Any] | None,
+    ip_whitelist: list[str] | None,
+    max_tokens: int | None,
+    max_spend_cents: int | None,
+    expires_at: datetime | str | None,
+    ttl_seconds: int | None,
+    allowed_models: list[str] | None,
+    rpm: int | None,
+    max_concurrent: int | None,
+) -> dict[str, Any]:
+    """The optional part of a new key's body, shared by admin keys and child keys. An unset
+    field is not sent at all: an older server refuses fields it does not know."""
+    body: dict[str, Any] = {}
+    merged = dict(metadata or {})
+    if name is not None:
+        merged["name"] = name
+    if merged:
+        body["metadata"] = merged
+    if ip_whitelist:
+        body["ip_whitelist"] = list(ip_whitelist)
+    if expires_at is not None:
+        # A naive datetime goes without an offset, which the server refuses by name.
+        body["expires_at"] = (
+            expires_at.isoformat() if isinstance(expires_at, datetime) else expires_at
+        )
+    optional = {
+        "max_tokens": max_tokens,
+        "max_spend_cents": max_spend_cents,
+        "ttl_seconds": ttl_seconds,
+        "rpm": rpm,
+        "max_concurrent": max_concurrent,
+    }
+    body.update({key: value for key, value in optional.items() if value is not None})
+    if allowed_models is not None:
+        body["allowed_models"] = list(allowed_models)
+    return body
 
 
 @dataclass(frozen=True)
@@ -171,34 +225,107 @@ class ScopedKeyCreate:
     max_concurrent: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
+        return {
             "provider": self.provider,
             "upstream_key": self.upstream_key,
             "max_activations": self.max_activations,
-        }
-        metadata = dict(self.metadata or {})
+            **_options(
+                name=self.name, metadata=self.metadata, ip_whitelist=self.ip_whitelist,
+                max_tokens=self.max_tokens, max_spend_cents=self.max_spend_cents,
+                expires_at=self.expires_at, ttl_seconds=self.ttl_seconds,
+                allowed_models=self.allowed_models, rpm=self.rpm,
+                max_concurrent=self.max_concurrent,
+            ),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChildKeyCreate:
+    """The body of ``POST /v1/till/keys``: a child of the scoped key that sends it, with the
+    parent's provider and upstream key. Each limit must fit in what the parent has left;
+    ``allowed_models`` and ``ip_whitelist`` must lie within the parent's."""
+
+    max_activations: int
+    name: str | None = None
+    metadata: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_spend_cents: int | None = None
+    expires_at: datetime | str | None = None
+    ttl_seconds: int | None = None
+    allowed_models: list[str] | None = None
+    ip_whitelist: list[str] | None = None
+    rpm: int | None = None
+    max_concurrent: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_activations": self.max_activations,
+            **_options(
+                name=self.name, metadata=self.metadata, ip_whitelist=self.ip_whitelist,
+                max_tokens=self.max_tokens, max_spend_cents=self.max_spend_cents,
+                expires_at=self.expires_at, ttl_seconds=self.ttl_seconds,
+                allowed_models=self.allowed_models, rpm=self.rpm,
+                max_concurrent=self.max_concurrent,
+            ),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ScopedKeyUpdate:
+    """The body of ``PATCH /admin/keys/{id}``: only the fields set travel.
+
+    ``max_*``, ``rpm`` and ``max_concurrent`` set a limit; ``add_*`` raise one atomically (a
+    top-up: not idempotent); ``remove_limits`` names limits among ``REMOVABLE_LIMITS`` to lift
+    (sent as JSON null). ``metadata`` replaces the key's metadata, then ``name`` is set in it.
+    """
+
+    name: str | None = None
+    metadata: dict[str, Any] | None = None
+    max_activations: int | None = None
+    max_tokens: int | None = None
+    max_spend_cents: int | None = None
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    add_activations: int | None = None
+    add_tokens: int | None = None
+    add_spend_cents: int | None = None
+    remove_limits: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remove_limits, str):
+            raise ValueError(
+                f"remove_limits takes a list of names, such as ({self.remove_limits!r},)"
+            )
+        removed = tuple(self.remove_limits)
+        unknown = [n for n in removed if n not in REMOVABLE_LIMITS]
+        if unknown:
+            raise ValueError(
+                f"remove_limits: unknown limit {unknown[0]!r}; choose among "
+                f"{', '.join(REMOVABLE_LIMITS)}"
+            )
+        both = [n for n in removed if getattr(self, n) is not None]
+        if both:
+            raise ValueError(f"{both[0]} is both set and removed")
+        object.__setattr__(self, "remove_limits", removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
         if self.name is not None:
-            metadata["name"] = self.name
-        if metadata:
-            body["metadata"] = metadata
-        if self.ip_whitelist:
-            body["ip_whitelist"] = list(self.ip_whitelist)
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
-        if self.max_spend_cents is not None:
-            body["max_spend_cents"] = self.max_spend_cents
-        if self.expires_at is not None:
-            # A naive datetime goes without an offset, which the server refuses by name.
-            at = self.expires_at
-            body["expires_at"] = at.isoformat() if isinstance(at, datetime) else at
-        optional = {
-            "ttl_seconds": self.ttl_seconds,
+            body["name"] = self.name
+        if self.metadata is not None:
+            body["metadata"] = dict(self.metadata)  # {} clears it
+        values = {
+            "max_activations": self.max_activations,
+            "max_tokens": self.max_tokens,
+            "max_spend_cents": self.max_spend_cents,
             "rpm": self.rpm,
             "max_concurrent": self.max_concurrent,
+            "add_activations": self.add_activations,
+            "add_tokens": self.add_tokens,
+            "add_spend_cents": self.add_spend_cents,
         }
-        body.update({name: value for name, value in optional.items() if value is not None})
-        if self.allowed_models is not None:
-            body["allowed_models"] = list(self.allowed_models)
+        body.update({key: value for key, value in values.items() if value is not None})
+        body.update(dict.fromkeys(self.remove_limits))
         return body
 
 

@@ -78,11 +78,15 @@ class KeyringError(ValueError):
     """A malformed keyring spec; messages name the entry, never its key material."""
 
 
-class TokenClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """What a token grants. Array-like keeps the sealed blob (and so the token) short.
+class TokenClaims(
+    msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """What a token grants. Array-like keeps the sealed blob (and so the token) short, and
+    trailing fields left at their defaults are not written at all.
 
     Unknown trailing fields are refused rather than ignored: a field added later is likely a
-    restriction, and an older proxy silently dropping it would fail open.
+    restriction, and an older proxy silently dropping it would fail open. So a token that uses
+    a newer field is refused by an older proxy, and one that does not opens everywhere.
     """
 
     key_id: str
@@ -92,6 +96,8 @@ class TokenClaims(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
     ip_whitelist: tuple[str, ...] = ()
     expires_at: int | None = None
     allowed_models: tuple[str, ...] = ()
+    # A child key's ancestors' key ids, parent first: each is checked and charged with it.
+    parents: tuple[str, ...] = ()
 
     def __rich_repr__(self) -> list[tuple[str, Any]]:
         # Claims end up in logs, tracebacks and assertion diffs; the upstream key must not.
@@ -262,6 +268,8 @@ def seal(keyring: Keyring, claims: TokenClaims) -> str:
         raise ValueError("claims.key_id must be 16 chars of a-z2-7")
     if claims.provider not in PROVIDERS:
         raise ValueError(f"unknown provider {claims.provider!r}")
+    if not all(_KEY_ID_RE.fullmatch(p) for p in claims.parents):
+        raise ValueError("claims.parents must be key ids")
     kid, key = keyring._primary()
     nonce = os.urandom(_NONCE_BYTES)
     ciphertext = nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(

@@ -371,6 +371,43 @@ def test_stream_is_not_buffered_by_nginx(cluster: Cluster, mock_upstream: Mock) 
 # --- P5: revocation ---
 
 
+def test_top_ups_and_a_holders_revocation_are_seen_by_every_instance_at_once(
+    cluster: Cluster, mock_upstream: Mock
+) -> None:
+    key, _ = cluster.new_key("top-up", max_activations=1)
+    token = str(key["scopedKey"])
+    chat = {"model": "gpt-4o", "messages": MESSAGES}
+    first, *others = cluster.instances
+    resp = httpx.post(f"{first.url}{CHAT}", headers=bearer(token), json=chat, timeout=30)
+    assert resp.status_code == 200, resp.text
+    for till in cluster.instances:
+        resp = httpx.post(f"{till.url}{CHAT}", headers=bearer(token), json=chat, timeout=30)
+        assert resp.json()["error"]["code"] == "activation_limit_reached", resp.text
+    with cluster.admin() as admin:
+        resp = admin.patch(f"/admin/keys/{key['id']}", json={"add_activations": len(others)})
+    assert resp.json()["key"]["status"] == "active", resp.text
+    # No wait: each other instance serves one of the activations added, then none is left.
+    for till in others:
+        resp = httpx.post(f"{till.url}{CHAT}", headers=bearer(token), json=chat, timeout=30)
+        assert resp.status_code == 200, (till.url, resp.text)
+    for till in cluster.instances:
+        resp = httpx.post(f"{till.url}{CHAT}", headers=bearer(token), json=chat, timeout=30)
+        assert resp.status_code == 402, (till.url, resp.text)
+    # A child minted on one instance, burnt by its holder on another, is refused everywhere.
+    with cluster.admin() as admin:
+        admin.patch(f"/admin/keys/{key['id']}", json={"add_activations": 10})
+    resp = httpx.post(
+        f"{first.url}/v1/till/keys", headers=bearer(token), json={"max_activations": 5}, timeout=30
+    )
+    assert resp.status_code == 201, resp.text
+    child = str(resp.json()["key"]["scopedKey"])
+    resp = httpx.delete(f"{others[0].url}/v1/till/key", headers=bearer(child), timeout=30)
+    assert resp.json()["key"]["status"] == "revoked", resp.text
+    for till in cluster.instances:
+        resp = httpx.post(f"{till.url}{CHAT}", headers=bearer(child), json=chat, timeout=30)
+        assert resp.json()["error"]["code"] == "key_revoked", (till.url, resp.text)
+
+
 def test_revocation_is_seen_by_every_instance_at_once(
     cluster: Cluster, mock_upstream: Mock
 ) -> None:

@@ -616,7 +616,6 @@ def test_unknown_admin_path_is_404_json(
         ("PUT", "/admin/keys"),
         ("PATCH", "/admin/keys"),
         ("DELETE", "/admin/keys"),
-        ("PATCH", "/admin/keys/{id}"),
         ("PUT", "/admin/keys/{id}"),
         ("POST", "/admin/keys/{id}"),
         ("POST", "/admin/account"),

@@ -111,6 +111,7 @@ async def new_key(
     max_activations: int = 100,
     max_tokens: int | None = None,
     max_microcents: int | None = None,
+    ancestors: list[str] | None = None,
 ) -> str:
     key_id = new_key_id()
     await ledger.create_key(
@@ -122,6 +123,7 @@ async def new_key(
         max_microcents=max_microcents,
         metadata={"team": "search"},
         ip_whitelist=[],
+        ancestors=ancestors or (),
     )
     return key_id
 

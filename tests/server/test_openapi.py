@@ -156,9 +156,14 @@ def test_create_key_schema_is_generated_from_the_decoder(document: dict[str, Any
     assert not any(entry.fullmatch(bad) for bad in ("gpt*4o", "a b", "gpt**", "gpt\n"))
     assert {"rpm", "max_concurrent", "ttl_seconds"} <= set(props)
     key = document["components"]["schemas"]["ScopedKey"]
-    assert {"expiresAt", "allowedModels", "rpm", "maxConcurrent", "inFlight"} <= set(
+    assert {"expiresAt", "allowedModels", "rpm", "maxConcurrent", "inFlight", "parentId"} <= set(
         key["properties"]
     )
+    update = document["components"]["schemas"]["UpdateKey"]
+    assert update["additionalProperties"] is False and update["minProperties"] == 1
+    assert {"add_activations", "add_tokens", "add_spend_cents"} <= set(update["properties"])
+    assert {"type": "null"} in update["properties"]["max_tokens"]["anyOf"]
+    assert "upstream_key" not in update["properties"]
     assert "upstreamKey" not in key["properties"] and "upstream_key" not in key["properties"]
     assert set(key["required"]) == set(key["properties"])
 

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal, cast, overload
+from typing import Annotated, Any, Final, Literal, TypeVar, cast, overload
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
@@ -57,23 +57,12 @@ Cents = Annotated[
 ]
 
 
-class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The body of POST /admin/keys, snake case. The checks msgspec cannot make are in
-    parse_create; those it can state are in the JSON schema it generates for the document."""
+class KeyOptions(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A key's limits and labels: the body of POST /v1/till/keys (a child key, minted with its
+    parent's token), and with the provider and its key that of POST /admin/keys. Snake case.
+    The checks msgspec cannot make are in check_options; those it can state are in the JSON
+    schema it generates for the document."""
 
-    provider: Provider
-    upstream_key: Annotated[
-        str,
-        msgspec.Meta(
-            min_length=1,
-            max_length=512,
-            description="The provider's real key: sealed into the token, never stored.",
-            extra_json_schema={
-                "pattern": f"^{_UPSTREAM_KEY.pattern}$",
-                "not": {"pattern": f"^{_TILL_PREFIX}"},
-            },
-        ),
-    ]
     max_activations: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)]
     name: (
         Annotated[str, msgspec.Meta(max_length=200, description="Stored as metadata.name.")] | None
@@ -156,6 +145,24 @@ class CreateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     ) = None
 
 
+class CreateKey(KeyOptions):
+    """The body of POST /admin/keys."""
+
+    provider: Provider
+    upstream_key: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=512,
+            description="The provider's real key: sealed into the token, never stored.",
+            extra_json_schema={
+                "pattern": f"^{_UPSTREAM_KEY.pattern}$",
+                "not": {"pattern": f"^{_TILL_PREFIX}"},
+            },
+        ),
+    ]
+
+
 # The body as the document states it, with what msgspec cannot check: not both expires_at and
 # ttl_seconds (null counts as absent).
 CreateKeySchema = Annotated[
@@ -205,6 +212,10 @@ class ScopedKey(msgspec.Struct, kw_only=True, rename="camel"):
     rpm: int | None
     max_concurrent: int | None
     in_flight: Annotated[int, msgspec.Meta(description="Requests reserved and not yet settled.")]
+    parent_id: Annotated[
+        str | None,
+        msgspec.Meta(description="The key that minted this one (POST /v1/till/keys), else null."),
+    ]
 
 
 class Tenant(msgspec.Struct, kw_only=True, rename="camel"):
@@ -230,11 +241,90 @@ class Account(msgspec.Struct, kw_only=True, rename="camel"):
     tenant: Tenant
 
 
+class UpdateKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The body of PATCH /admin/keys/{key_id}: what to change, and budgets to top up. What the
+    token seals (provider, upstream key, IP list, models, expiry) cannot change."""
+
+    name: Annotated[str, msgspec.Meta(max_length=200)] | msgspec.UnsetType = msgspec.UNSET
+    metadata: (
+        Annotated[
+            dict[str, Any],
+            msgspec.Meta(description="Replaces the metadata; `name`, if given, is set in it."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    max_activations: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=10**12)] | msgspec.UnsetType | None = (
+        msgspec.UNSET
+    )
+    max_spend_cents: (
+        Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] | msgspec.UnsetType | None
+    ) = msgspec.UNSET
+    rpm: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | msgspec.UnsetType | None = msgspec.UNSET
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | msgspec.UnsetType | None = (
+        msgspec.UNSET
+    )
+    add_activations: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=1_000_000_000, description="Raise max_activations by this."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    add_tokens: (
+        Annotated[
+            int,
+            msgspec.Meta(ge=1, le=10**12, description="Raise max_tokens (the key must have one)."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    add_spend_cents: (
+        Annotated[
+            int,
+            msgspec.Meta(
+                ge=1,
+                le=1_000_000_000,
+                description="Raise max_spend_cents (the key must have one).",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+
+
+# The body as the document states it, with what msgspec cannot check: some field, and not both
+# a limit and an addition to it.
+UpdateKeySchema = Annotated[
+    UpdateKey,
+    msgspec.Meta(
+        extra_json_schema={
+            "minProperties": 1,
+            "allOf": [
+                {"not": {"required": [f"max_{n}", f"add_{n}"]}}
+                for n in ("activations", "tokens", "spend_cents")
+            ],
+        }
+    ),
+]
+
+
+# UpdateKey's limits: the body's name, the key hash's field, the unit's scale in the store.
+_LIMITS: Final = (
+    ("max_activations", "add_activations", "max_act", 1),
+    ("max_tokens", "add_tokens", "max_tok", 1),
+    ("max_spend_cents", "add_spend_cents", "max_mc", MICROCENTS_PER_CENT),
+    ("rpm", None, "rpm", 1),
+    ("max_concurrent", None, "max_conc", 1),
+)
+
+
 # CreateKey's integer fields. JSON has one number type: `5.0` is the integer 5 to JSON Schema
 # (the document's dialect) and to any client that computes a limit as a float, and msgspec,
 # strict, refuses it. Its lax mode would also take "5", so whole floats are mended beforehand.
 _WHOLE_NUMBERS: Final = (
     "max_activations", "max_tokens", "max_spend_cents", "ttl_seconds", "rpm", "max_concurrent",
+    "add_activations", "add_tokens", "add_spend_cents",
 )  # fmt: skip
 _decode_json = msgspec.json.Decoder()
 _encode = msgspec.json.encode
@@ -320,6 +410,7 @@ def key_view(k: KeyRecord, scoped_key: str | None = None) -> ScopedKey:
         rpm=k.rpm,
         max_concurrent=k.max_concurrent,
         in_flight=k.in_flight,
+        parent_id=k.parent_id,
     )
 
 
@@ -338,19 +429,19 @@ def tenant_view(t: TenantRecord, month_activations: int) -> Tenant:
 
 def parse_create(body: bytes) -> CreateKey:
     """Decode and validate a CreateKey body; AdminError names the first bad field."""
-    try:
-        req = msgspec.convert(_whole_numbers(_decode_json.decode(body)), CreateKey)
-    except msgspec.ValidationError as exc:
-        raise AdminError("validation_error", _validation_message(str(exc))) from None
-    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
-        # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in a string.
-        raise AdminError("invalid_json", "The request body is not valid JSON.") from None
+    req = decode(body, CreateKey)
     if not _UPSTREAM_KEY.fullmatch(req.upstream_key):
         raise AdminError("validation_error", "upstream_key must be printable ASCII without spaces.")
     if req.upstream_key.startswith(_TILL_PREFIX):
         raise AdminError(
             "validation_error", "upstream_key must be the provider's key, not a Till key."
         )
+    check_options(req)
+    return req
+
+
+def check_options(req: KeyOptions) -> None:
+    """What the struct's types cannot say of a key's options; AdminError names the field."""
     if req.metadata is not None and len(_encode(req.metadata)) > MAX_METADATA_BYTES:
         raise AdminError("validation_error", f"metadata is limited to {MAX_METADATA_BYTES} bytes.")
     for i, entry in enumerate(req.ip_whitelist or ()):
@@ -369,10 +460,47 @@ def parse_create(body: bytes) -> CreateKey:
             )
     if req.expires_at is not None and req.ttl_seconds is not None:
         raise AdminError("validation_error", "Give expires_at or ttl_seconds, not both.")
+
+
+def parse_update(body: bytes) -> UpdateKey:
+    """Decode and validate an UpdateKey body; AdminError names the first bad field."""
+    req = decode(body, UpdateKey)
+    if all(getattr(req, f) is msgspec.UNSET for f in req.__struct_fields__):
+        raise AdminError("validation_error", "Name at least one field to change.")
+    for name, add, _, _ in _LIMITS:
+        given = getattr(req, name) is not msgspec.UNSET
+        if add is not None and given and getattr(req, add) is not msgspec.UNSET:
+            raise AdminError("validation_error", f"Give {name} or {add}, not both.")
+    if req.metadata is not msgspec.UNSET and len(_encode(req.metadata)) > MAX_METADATA_BYTES:
+        raise AdminError("validation_error", f"metadata is limited to {MAX_METADATA_BYTES} bytes.")
     return req
 
 
-def expiry(req: CreateKey, now: float) -> int | None:
+def update_changes(req: UpdateKey) -> list[tuple[str, str, int]]:
+    """The ledger's changes for an UpdateKey: ("set" | "add" | "del", field, value)."""
+    changes: list[tuple[str, str, int]] = []
+    for name, add, field, scale in _LIMITS:
+        value = getattr(req, name)
+        if value is None:
+            changes.append(("del", field, 0))
+        elif value is not msgspec.UNSET:
+            changes.append(("set", field, value * scale))
+        if add is not None and (more := getattr(req, add)) is not msgspec.UNSET:
+            changes.append(("add", field, more * scale))
+    return changes
+
+
+def decode(body: bytes, kind: type[Body]) -> Body:
+    try:
+        return msgspec.convert(_whole_numbers(_decode_json.decode(body)), kind)
+    except msgspec.ValidationError as exc:
+        raise AdminError("validation_error", _validation_message(str(exc))) from None
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # msgspec raises UnicodeDecodeError (not a DecodeError) for invalid UTF-8 in a string.
+        raise AdminError("invalid_json", "The request body is not valid JSON.") from None
+
+
+def expiry(req: KeyOptions, now: float) -> int | None:
     """When the key expires, in whole seconds since the epoch (never later than asked)."""
     if req.ttl_seconds is not None:
         return math.floor(now) + req.ttl_seconds
@@ -420,6 +548,7 @@ def _validation_message(message: str) -> str:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Body = TypeVar("Body", bound=msgspec.Struct)
 
 
 class Admin:
@@ -429,7 +558,11 @@ class Admin:
         self._ledger = ledger
         self.keyring = keyring
         document = openapi.document(
-            create=CreateKeySchema, key=ScopedKey, account=Account, key_id_pattern=_KEY_ID.pattern
+            create=CreateKeySchema,
+            update=UpdateKeySchema,
+            key=ScopedKey,
+            account=Account,
+            key_id_pattern=_KEY_ID.pattern,
         )
         self._openapi = _encode(document)
 
@@ -443,6 +576,7 @@ class Admin:
             Route("/admin/keys", self._guard(self.list_keys), methods=["GET"]),
             Route("/admin/keys/{key_id}", self._guard(self.get_key), methods=["GET"]),
             Route("/admin/keys/{key_id}", self._guard(self.revoke_key), methods=["DELETE"]),
+            Route("/admin/keys/{key_id}", self._guard(self.update_key), methods=["PATCH"]),
         ]
 
     def _guard(self, handler: Callable[[Request, str], Awaitable[Response]]) -> Handler:
@@ -457,7 +591,7 @@ class Admin:
                     "store_unavailable", "Till's store is unavailable; retry shortly."
                 )
             # A 401 comes before the body is read, and an oversized body is left half-read.
-            await _drain(request)
+            await drain(request)
             return response
 
         endpoint.__name__ = handler.__name__
@@ -491,7 +625,7 @@ class Admin:
         return json_response({"account": view})
 
     async def create_key(self, request: Request, tenant_id: str) -> Response:
-        body = await _read_capped(request)
+        body = await read_capped(request)
         req = parse_create(body)
         metadata = dict(req.metadata or {})
         if req.name is not None:
@@ -569,6 +703,36 @@ class Admin:
             raise AdminError("not_found", "No key with this id in this account.")
         return key_id
 
+    async def update_key(self, request: Request, tenant_id: str) -> Response:
+        key_id = self._key_id(request)
+        req = parse_update(await read_capped(request))
+        ledger = self._ledger()
+        metadata = None
+        if req.metadata is not msgspec.UNSET or req.name is not msgspec.UNSET:
+            if req.metadata is msgspec.UNSET:
+                current = await ledger.get_key(tenant_id, key_id)
+                metadata = dict(current.metadata) if current is not None else {}
+            else:
+                metadata = dict(req.metadata)
+            if req.name is not msgspec.UNSET:
+                metadata["name"] = req.name
+        try:
+            record = await ledger.update_key(
+                tenant_id, key_id, metadata=metadata, changes=update_changes(req)
+            )
+        except Refused as exc:
+            if exc.code == "already_revoked":
+                raise AdminError(exc.code, "This key is revoked: it can change no more.") from None
+            name = {"max_tok": "add_tokens", "max_mc": "add_spend_cents"}.get(exc.detail, "add")
+            limit = {"max_tok": "max_tokens", "max_mc": "max_spend_cents"}.get(exc.detail, "it")
+            raise AdminError(
+                "validation_error",
+                f"This key has no {limit} to add to: set {limit} instead - at `$.{name}`",
+            ) from None
+        if record is None:
+            raise AdminError("not_found", f"No key {key_id!r} in this account.")
+        return json_response({"key": key_view(record)})
+
     async def _find(self, request: Request, tenant_id: str) -> KeyRecord:
         key_id = self._key_id(request)
         # Keys live under their tenant's prefix: another tenant's id is simply not there.
@@ -578,7 +742,7 @@ class Admin:
         return record
 
 
-async def _read_capped(request: Request) -> bytes:
+async def read_capped(request: Request) -> bytes:
     """The body, or payload_too_large past MAX_ADMIN_BODY."""
     too_large = AdminError(
         "payload_too_large", f"Admin requests are limited to {MAX_ADMIN_BODY} bytes."
@@ -596,7 +760,7 @@ async def _read_capped(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-async def _drain(request: Request) -> None:
+async def drain(request: Request) -> None:
     """Read and drop what is left of the request body, up to MAX_ADMIN_DRAIN.
 
     Answering while the client still sends its body makes the server close the connection with

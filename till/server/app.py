@@ -18,6 +18,7 @@ from starlette.routing import Route
 
 from till.server.admin import Admin, error_response, json_response
 from till.server.embedded import EmbeddedRedis
+from till.server.holder import Holder
 from till.server.keyfile import load_keyring
 from till.server.ledger import Ledger, StoreUnavailable, connect
 from till.server.pricing import default_pricer
@@ -36,6 +37,8 @@ ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # is the provider's API.
 _HEALTH: Final = frozenset({"/healthz", "/readyz"})
 _HEALTH_METHODS: Final = frozenset({"GET", "HEAD"})
+# The holder's own endpoints (holder.py), by path and method.
+_HOLDER: Final = {"/v1/till/key": frozenset({"GET", "HEAD", "DELETE"}), "/v1/till/keys": {"POST"}}
 _ADMIN_METHODS: Final = frozenset(ALL_METHODS)
 
 
@@ -130,9 +133,10 @@ class Dispatch:
     Starlette's routing and exception middleware cost the proxy, on every request, about what
     its own checks do, and bring it nothing: it answers its own errors, in the provider's
     dialect (an unexpected exception too, see Proxy.__call__). Requests are split as
-    Starlette's routes would split them: ``/healthz`` and ``/readyz`` by GET or HEAD, and
-    ``/admin`` and everything under it by one of ALL_METHODS; anything else is the provider's
-    API, which Starlette too would have routed to the proxy.
+    Starlette's routes would split them: ``/healthz`` and ``/readyz`` by GET or HEAD, the
+    holder's ``/v1/till/key`` and ``/v1/till/keys`` by their methods, and ``/admin`` and
+    everything under it by one of ALL_METHODS; anything else is the provider's API, which
+    Starlette too would have routed to the proxy.
     """
 
     __slots__ = ("_proxy", "app")
@@ -151,7 +155,10 @@ class Dispatch:
 def _for_starlette(path: str, method: str) -> bool:
     if path.startswith("/admin") and (len(path) == 6 or path[6] == "/"):
         return method in _ADMIN_METHODS
-    return path in _HEALTH and method in _HEALTH_METHODS
+    if path in _HEALTH:
+        return method in _HEALTH_METHODS
+    methods = _HOLDER.get(path)
+    return methods is not None and method in methods
 
 
 def create_app(settings: Settings) -> Dispatch:
@@ -161,6 +168,7 @@ def create_app(settings: Settings) -> Dispatch:
         settings, keyring, runtime.ledger, runtime.http, providers(), formats(), default_pricer
     )
     admin = Admin(runtime.ledger, keyring)
+    holder = Holder(proxy.gate, runtime.ledger)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -209,6 +217,7 @@ def create_app(settings: Settings) -> Dispatch:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *admin_routes,
+        *holder.routes(),
         Route("/admin", admin_fallback, methods=ALL_METHODS),
         Route("/admin/{rest:path}", admin_fallback, methods=ALL_METHODS),
         # Everything else is the provider's API, behind the scoped token: Dispatch sends it to

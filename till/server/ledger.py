@@ -40,6 +40,14 @@ MONTH_TTL_SECONDS: Final = 40 * 86400
 # A key's `rpm` counts requests in a sliding window of this length (TILL_RATE_WINDOW_SECONDS).
 RATE_WINDOW_MS: Final = 60_000
 SETTLED_TTL_SECONDS: Final = 86400
+# A retry under the same Idempotency-Key within this long is answered, not forwarded again
+# (TILL_IDEMPOTENCY_SECONDS).
+IDEMPOTENCY_TTL_SECONDS: Final = 86400
+# Child keys nest at most this deep: a key's ancestors ride in its token and in every script
+# call of its requests.
+MAX_ANCESTORS: Final = 4
+# Revoking a key revokes its descendants, at most this many per call.
+MAX_CASCADE: Final = 10_000
 TENANTS_SET: Final = "till:tenants"
 # A reserve or settle that failed past redis-py's one resend may still have run (its reply was
 # lost). The ledger finishes the job in the background: a failed reserve is cancelled (the
@@ -74,10 +82,18 @@ class StoreUnavailable(Exception):
 
 class Refused(Exception):
     """A budget check said no. ``limit``, ``used`` and ``remaining`` are in the limit's units;
-    ``retry_after_ms`` says when a retry may pass (rate and concurrency limits), else 0."""
+    ``retry_after_ms`` says when a retry may pass (rate and concurrency limits), else 0;
+    ``detail``: "parent" when an ancestor's limit refused, the first call's request id for an
+    idempotency refusal, the field for a child key's limit, else ""."""
 
     def __init__(
-        self, code: str, limit: int = 0, used: int = 0, remaining: int = 0, retry_after_ms: int = 0
+        self,
+        code: str,
+        limit: int = 0,
+        used: int = 0,
+        remaining: int = 0,
+        retry_after_ms: int = 0,
+        detail: str = "",
     ) -> None:
         super().__init__(code)
         self.code = code
@@ -85,6 +101,7 @@ class Refused(Exception):
         self.used = used
         self.remaining = remaining
         self.retry_after_ms = retry_after_ms
+        self.detail = detail
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +129,12 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     max_concurrent: int | None = None
     # Requests reserved and not yet settled.
     in_flight: int = 0
+    # A child key's ancestors, parent first (empty: a key made with an admin key).
+    ancestors: list[str] = []
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.ancestors[0] if self.ancestors else None
 
 
 class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,6 +147,15 @@ class TenantRecord(msgspec.Struct, frozen=True, kw_only=True):
     max_activations_per_month: int
     live_keys: int
     created_ms: int
+
+
+class Idempotency(msgspec.Struct, frozen=True):
+    """A request's Idempotency-Key, as the ledger keeps it: ``digest`` names its record (the
+    key id and the client's value, hashed), ``fingerprint`` the request a retry must repeat."""
+
+    digest: str
+    fingerprint: str
+    ttl_seconds: int = IDEMPOTENCY_TTL_SECONDS
 
 
 class Admission(msgspec.Struct, frozen=True):
@@ -311,6 +343,7 @@ class Ledger:
         self._settle = _Script(store, _script("settle"), lane)
         self._create_key = _Script(store, _script("create_key"), lane)
         self._revoke_key = _Script(store, _script("revoke_key"), lane)
+        self._update_key = _Script(store, _script("update_key"), lane)
         self._cancel = _Script(store, _CANCEL, lane)
         self._repairs: set[asyncio.Task[None]] = set()
         self._repair_gate = asyncio.Semaphore(REPAIR_CONCURRENCY)
@@ -497,7 +530,10 @@ class Ledger:
         allowed_models: Sequence[str] = (),
         rpm: int | None = None,
         max_concurrent: int | None = None,
+        ancestors: Sequence[str] = (),
     ) -> KeyRecord:
+        """Add a key; with ``ancestors`` (parent first) a child key, whose limits must fit in
+        what its parent has left (Refused ``parent_limit_exceeded``, ``detail`` the field)."""
         created = now_ms()
         fields: list[str | int | bytes] = [
             "id", key_id,
@@ -528,11 +564,17 @@ class Ledger:
         if allowed_models:
             fields += ["models", _encode(list(allowed_models))]
         keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}"), tkey(tenant_id, "keys")]
+        if ancestors:
+            fields += ["anc", " ".join(ancestors)]
+            keys += [tkey(tenant_id, f"k:{ancestors[0]}"), tkey(tenant_id, f"kids:{ancestors[0]}")]
         reply = await self._call(
             lambda: self._create_key(keys=keys, args=[key_id, created, *fields])
         )
         if reply[0] != b"ok":
-            raise Refused(reply[1].decode(), int(reply[2]), int(reply[3]))
+            code, limit, used = reply[1].decode(), int(reply[2]), int(reply[3])
+            if code == "parent_limit_exceeded":
+                raise Refused(code, limit, 0, used, detail=_str(reply[4]))
+            raise Refused(code, limit, used)
         record = await self.get_key(tenant_id, key_id)
         assert record is not None
         return record
@@ -558,11 +600,61 @@ class Ledger:
         return [_key_record(raw) for raw in await self._call(fetch) if raw]
 
     async def revoke_key(self, tenant_id: str, key_id: str) -> KeyRecord | None:
-        keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}")]
-        result = await self._call(lambda: self._revoke_key(keys=keys, args=[now_ms()]))
-        if int(result) < 0:
+        """Revoke a key and its descendants. Their requests are refused from the key's own
+        revocation on (reserve checks every ancestor); the descendants' records follow here."""
+        now = now_ms()
+
+        async def revoke(kid: str) -> int:
+            keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{kid}")]
+            return int(await self._call(lambda: self._revoke_key(keys=keys, args=[now])))
+
+        if await revoke(key_id) < 0:
             return None
+        queue, seen = [key_id], 0
+        while queue and seen < MAX_CASCADE:
+            parent = queue.pop()
+            kids: list[bytes] = await self._call(
+                partial(self._r.zrange, tkey(tenant_id, f"kids:{parent}"), 0, MAX_CASCADE)
+            )
+            for kid in kids:
+                seen += 1
+                await revoke(kid.decode())
+                queue.append(kid.decode())
         return await self.get_key(tenant_id, key_id)
+
+    async def update_key(
+        self,
+        tenant_id: str,
+        key_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        changes: Sequence[tuple[str, str, int]] = (),
+    ) -> KeyRecord | None:
+        """Apply ``changes`` (op "set", "add" or "del"; a key hash field; a value) and the new
+        metadata at once, or raise Refused (``already_revoked``, or ``no_limit`` with the field
+        in ``detail``) having changed nothing. None when there is no such key."""
+        args: list[str | int] = ["" if metadata is None else _encode(metadata).decode()]
+        for op, field, value in changes:
+            args += [op, field, value]
+        keys = [tkey(tenant_id, f"k:{key_id}")]
+        reply = await self._call(lambda: self._update_key(keys=keys, args=args))
+        if reply == -1:
+            return None
+        if reply[0] != b"ok":
+            raise Refused(reply[1].decode(), detail=_str(reply[2]))
+        return await self.get_key(tenant_id, key_id)
+
+    async def get_chain(self, tenant_id: str, key_ids: Sequence[str]) -> list[KeyRecord | None]:
+        """Several keys of a tenant (a key and its ancestors) in one round trip."""
+
+        async def fetch() -> list[dict[bytes, bytes]]:
+            pipe = self._r.pipeline(transaction=False)
+            for key_id in key_ids:
+                pipe.hgetall(tkey(tenant_id, f"k:{key_id}"))
+            rows: list[dict[bytes, bytes]] = await pipe.execute()
+            return rows
+
+        return [_key_record(raw) if raw else None for raw in await self._call(fetch)]
 
     async def key_count(self, tenant_id: str) -> int:
         return int(await self._call(lambda: self._r.zcard(tkey(tenant_id, "keys"))))
@@ -585,9 +677,12 @@ class Ledger:
         min_output: int = 1,
         rate_window_ms: int = RATE_WINDOW_MS,
         now: int | None = None,
+        ancestors: Sequence[str] = (),
+        idempotency: Idempotency | None = None,
     ) -> Admission:
         """Take one activation and a place in flight, and hold the worst-case tokens and cost,
-        or raise Refused. ``now`` (ms since the epoch) is the clock's unless a test moves it."""
+        from the key and each of its ``ancestors``, or raise Refused. ``now`` (ms since the
+        epoch) is the clock's unless a test moves it."""
         if now is None:
             now = now_ms()
         keys = [
@@ -597,6 +692,9 @@ class Ledger:
             tkey(tenant_id, f"r:{request_id}"),
             tkey(tenant_id, "holds"),
         ]
+        keys += [tkey(tenant_id, f"k:{a}") for a in ancestors]
+        if idempotency is not None:
+            keys.append(tkey(tenant_id, f"i:{idempotency.digest}"))
         args: list[str | int] = [
             f"{key_id}:{request_id}",
             now,
@@ -610,18 +708,25 @@ class Ledger:
             min_output,
             rate_window_ms,
         ]
+        if ancestors or idempotency is not None:
+            args.append(len(ancestors))
+        if idempotency is not None:
+            args += [idempotency.ttl_seconds, idempotency.fingerprint]
         try:
             reply = await self._call(lambda: self._reserve(keys=keys, args=args))
         except (StoreUnavailable, asyncio.CancelledError):
             # The caller fails the request closed (or is gone): nothing is forwarded. If the
             # script ran (its reply lost), what it took is given back; if it never ran, a late
             # run of it will take nothing.
-            self._repair_later(
-                partial(self._cancel_reservation, tenant_id, key_id, request_id, month)
+            cancel = partial(
+                self._cancel_reservation, tenant_id, key_id, request_id, month, ancestors
             )
+            self._repair_later(partial(cancel, idempotency))
             raise
         if reply[0] != b"ok":
-            raise Refused(reply[1].decode(), *(int(v) for v in reply[2:6]))
+            detail = _str(reply[6]).rpartition(":")[2]  # a holds member: its request id
+            limit, used, remaining, retry_after_ms = (int(v) for v in reply[2:6])
+            raise Refused(reply[1].decode(), limit, used, remaining, retry_after_ms, detail)
         return Admission(int(reply[1]), int(reply[2]), _unlimited(reply[3]), _unlimited(reply[4]))
 
     async def settle(
@@ -635,6 +740,9 @@ class Ledger:
         microcents: int | None,
         refund_activation: bool = False,
         retry_later: bool = True,
+        ancestors: Sequence[str] = (),
+        idempotency: Idempotency | None = None,
+        completed: bool = False,
     ) -> Settlement | None:
         """Charge what the request used (None: unknown, charge the hold). None if already done.
 
@@ -651,6 +759,9 @@ class Ledger:
             tokens=tokens,
             microcents=microcents,
             refund_activation=refund_activation,
+            ancestors=[tkey(tenant_id, f"k:{a}") for a in ancestors],
+            idem=None if idempotency is None else tkey(tenant_id, f"i:{idempotency.digest}"),
+            completed=completed,
         )
         try:
             return await send()
@@ -669,12 +780,17 @@ class Ledger:
         tokens: int | None,
         microcents: int | None,
         refund_activation: bool,
+        ancestors: Sequence[str] = (),
+        idem: str | None = None,
+        completed: bool = False,
     ) -> Settlement | None:
+        """One settle call. ``ancestors`` and ``idem`` are whole Redis key names."""
         keys = [
             tkey(tenant_id, f"k:{key_id}"),
             tkey(tenant_id, f"r:{request_id}"),
             tkey(tenant_id, "holds"),
             tkey(tenant_id, f"m:{month}"),
+            *ancestors,
         ]
         args: list[str | int] = [
             f"{key_id}:{request_id}",
@@ -683,13 +799,23 @@ class Ledger:
             1 if refund_activation else 0,
             SETTLED_TTL_SECONDS,
         ]
+        if ancestors or idem is not None:
+            args += [len(ancestors), 0 if idem is None else 1, 1 if completed else 0]
+        if idem is not None:
+            keys.append(idem)
         reply = await self._call(lambda: self._settle(keys=keys, args=args))
         if reply[0] != b"ok":
             return None
         return Settlement(int(reply[1]), _unlimited(reply[2]), _unlimited(reply[3]))
 
     async def _cancel_reservation(
-        self, tenant_id: str, key_id: str, request_id: str, month: str
+        self,
+        tenant_id: str,
+        key_id: str,
+        request_id: str,
+        month: str,
+        ancestors: Sequence[str] = (),
+        idempotency: Idempotency | None = None,
     ) -> None:
         record = tkey(tenant_id, f"r:{request_id}")
         blocked = await self._call(lambda: self._cancel(keys=[record], args=[SETTLED_TTL_SECONDS]))
@@ -704,6 +830,8 @@ class Ledger:
                 tokens=0,
                 microcents=0,
                 refund_activation=True,
+                ancestors=[tkey(tenant_id, f"k:{a}") for a in ancestors],
+                idem=None if idempotency is None else tkey(tenant_id, f"i:{idempotency.digest}"),
             )
 
     def _repair_later(self, job: Callable[[], Awaitable[object]]) -> None:
@@ -748,16 +876,22 @@ class Ledger:
                 )
                 for member in members:
                     key_id, _, request_id = member.decode().partition(":")
+                    # What else the settlement must update: the record says.
+                    anc, idem = await self._call(
+                        partial(self._r.hmget, tkey(tenant_id, f"r:{request_id}"), "anc", "idem")
+                    )
                     # The reservation's month is unknown here; no refund is given, so it is
                     # unused.
-                    done = await self.settle(
+                    done = await self._settle_once(
                         tenant_id=tenant_id,
                         key_id=key_id,
                         request_id=request_id,
                         month=month_of(now / 1000),
                         tokens=None,
                         microcents=None,
-                        retry_later=False,  # the next round retries
+                        refund_activation=False,
+                        ancestors=_str(anc).split(),
+                        idem=None if idem is None else _str(idem),
                     )
                     if done is None:
                         # Settled meanwhile, or its record expired: drop the stale entry.
@@ -809,6 +943,7 @@ def _key_record(raw: dict[bytes, bytes]) -> KeyRecord:
         rpm=_opt(raw.get(b"rpm")),
         max_concurrent=_opt(raw.get(b"max_conc")),
         in_flight=_int(raw.get(b"inflight")),
+        ancestors=_str(raw.get(b"anc")).split(),
     )
 
 
@@ -817,6 +952,7 @@ __all__ = [
     "PLANS",
     "RATE_WINDOW_MS",
     "Admission",
+    "Idempotency",
     "KeyRecord",
     "Ledger",
     "Refused",

@@ -81,15 +81,16 @@ _HEADERS: Final[dict[int, dict[str, Any]]] = {
 def document(
     *,
     create: Any,
+    update: Any,
     key: type[msgspec.Struct],
     account: type[msgspec.Struct],
     key_id_pattern: str,
 ) -> dict[str, Any]:
-    """The OpenAPI document: ``create`` is the request body of POST /admin/keys (a struct, or
-    one annotated with constraints across its fields), ``key`` and ``account`` what the answers
-    carry; ``key_id_pattern`` is what a key id fully matches."""
+    """The OpenAPI document: ``create`` and ``update`` are the request bodies of POST and PATCH
+    (a struct, or one annotated with constraints across its fields), ``key`` and ``account``
+    what the answers carry; ``key_id_pattern`` is what a key id fully matches."""
     refs, components = msgspec.json.schema_components(
-        (create, key, account), ref_template=SCHEMAS + "{name}"
+        (create, update, key, account), ref_template=SCHEMAS + "{name}"
     )
     # msgspec writes an annotated struct's constraints beside its $ref: they belong to the
     # struct's own schema, where a reader (and a generator of test data) looks.
@@ -97,7 +98,7 @@ def document(
         extra = {k: v for k, v in ref.items() if k != "$ref"}
         if extra:
             components[ref["$ref"].removeprefix(SCHEMAS)].update(extra)
-    create_ref, key_ref, account_ref = ({"$ref": ref["$ref"]} for ref in refs)
+    create_ref, update_ref, key_ref, account_ref = ({"$ref": ref["$ref"]} for ref in refs)
     key_id = {
         "name": "key_id",
         "in": "path",
@@ -153,6 +154,25 @@ def document(
                 {"200": _json("The key, `status` revoked.", one_key)},
                 "not_found",
             ),
+            "patch": {
+                **_operation(
+                    "updateKey",
+                    "Change a key's name, metadata and limits, or top its budgets up "
+                    "(`add_*`), all at once: every worker sees the change from its next "
+                    "request. A limit set to null is lifted. An exhausted key with room again "
+                    "is active.",
+                    {"200": _json("The key as changed.", one_key)},
+                    "invalid_json",
+                    "validation_error",
+                    "payload_too_large",
+                    "not_found",
+                    "already_revoked",
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": update_ref}},
+                },
+            },
         },
         "/admin/openapi.json": {
             "get": {

@@ -7,7 +7,7 @@ settlement that survives cancellation) instead of going through a buffering resp
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import hashlib
 import logging
 import math
 import os
@@ -20,11 +20,13 @@ from urllib.parse import parse_qsl
 
 import aiohttp
 
-from till.errors import LIMIT_CODES, RATE_CODES, status_for
-from till.server.allowlist import filter_model_list, model_allowed
+from till.errors import LIMIT_CODES, RATE_CODES
+from till.server.access import Gate, ProxyError
+from till.server.allowlist import check_model, filter_model_list
 from till.server.ledger import (
     MICROCENTS_PER_CENT,
     Admission,
+    Idempotency,
     Ledger,
     Refused,
     Settlement,
@@ -42,12 +44,10 @@ from till.server.providers.base import (
     StreamMeter,
     decode_body,
     encode,
-    field_str,
-    repeats_fields,
 )
 from till.server.relay import ClientStalled, UpstreamCut, WriteDeadline, relay_events
 from till.server.settings import Settings
-from till.tokens import InvalidToken, Keyring, TokenClaims, unseal
+from till.tokens import Keyring, TokenClaims
 
 log = logging.getLogger("till.proxy")
 
@@ -67,7 +67,9 @@ DROP_REQUEST_HEADERS: Final = frozenset(
      b"openai-organization", b"openai-project", b"x-goog-user-project",
      # Google system parameters: a response field mask (could drop usageMetadata), a method
      # override, another API version than the path names.
-     b"x-goog-fieldmask", b"x-http-method-override", b"x-goog-api-version"}
+     b"x-goog-fieldmask", b"x-http-method-override", b"x-goog-api-version",
+     # Till answers retries itself (and the value says nothing to the provider).
+     b"idempotency-key"}
 )  # fmt: skip
 # Response headers never passed back: hop-by-hop, recomputed, or naming the key's owner.
 DROP_RESPONSE_HEADERS: Final = frozenset(
@@ -81,33 +83,10 @@ DROP_RESPONSE_HEADERS: Final = frozenset(
 UNSENDABLE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers passed on to the provider, all together: an SDK sends about 1 KiB.
 MAX_FORWARDED_HEADER_BYTES: Final = 16 * 1024
-TOKEN_CACHE_SIZE: Final = 10_000
 # Endpoints whose answer has no output tokens: nothing to cap, nothing to reserve for it.
 NO_OUTPUT_KINDS: Final = frozenset({"embeddings", "embed", "count_tokens"})
 RETRY_AFTER_SECONDS: Final = "2"
-# Model names quoted back in a refusal are cut to this length.
-MAX_QUOTED_MODEL: Final = 200
-
-
-@dataclass(frozen=True, slots=True)
-class OpenKey:
-    """An unsealed token and what is derived from it once, cached by the token string."""
-
-    claims: TokenClaims
-    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-
-
-class ProxyError(Exception):
-    def __init__(
-        self, code: str, message: str, *, retry_after_ms: int | None = None, **extra: Any
-    ) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.extra = extra
-        self.status = status_for(code)
-        # When a retry may pass (a rate or concurrency limit): sent as Retry-After.
-        self.retry_after_ms = retry_after_ms
+MAX_IDEMPOTENCY_KEY: Final = 255
 
 
 class ClientGone(Exception):
@@ -143,6 +122,10 @@ class Exchange:
     limited: bool = False
     settled: bool = False
     settlement: Settlement | None = None
+    # The request carried an Idempotency-Key; completed: a whole 2xx answer, so its retries
+    # are refused rather than forwarded.
+    idempotency: Idempotency | None = None
+    completed: bool = False
 
 
 class Proxy:
@@ -157,16 +140,12 @@ class Proxy:
         pricer: Pricer,
     ) -> None:
         self.settings = settings
-        self.keyring = keyring
+        self.gate = Gate(keyring, settings.trusted_proxies)
         self._ledger = ledger
         self._http = http
         self.providers = providers
         self.formats = tuple(formats)
         self.pricer = pricer
-        self._tokens: dict[str, OpenKey] = {}
-        self._trusted = tuple(
-            ipaddress.ip_network(p, strict=False) for p in settings.trusted_proxies
-        )
         self._settling: set[asyncio.Task[Any]] = set()
         # Streams open in this worker, against settings.max_streams.
         self._streams = 0
@@ -208,6 +187,8 @@ class Proxy:
         headers = [(b"content-type", b"application/json")]
         if exc.status == 503:
             headers.append((b"retry-after", RETRY_AFTER_SECONDS.encode()))
+        if exc.final:
+            headers.append((b"x-should-retry", b"false"))
         if exc.retry_after_ms is not None:
             # Whole seconds (rounded up) for every client; the openai and anthropic SDKs read
             # the milliseconds first.
@@ -225,62 +206,11 @@ class Proxy:
                 return fmt
         return self.formats[-1]
 
-    # --- steps 1 and 2: the token, and what it says by itself ---
-
-    def _open(self, token: str) -> OpenKey:
-        hit = self._tokens.get(token)
-        if hit is not None:
-            return hit
-        claims = unseal(self.keyring, token)
-        networks = tuple(ipaddress.ip_network(n, strict=False) for n in claims.ip_whitelist)
-        key = OpenKey(claims, networks)
-        if len(self._tokens) >= TOKEN_CACHE_SIZE:
-            del self._tokens[next(iter(self._tokens))]
-        self._tokens[token] = key
-        return key
-
-    def _client_ip(self, scope: Scope, headers: dict[bytes, bytes]) -> str:
-        peer = str((scope.get("client") or ("", 0))[0])
-        forwarded = headers.get(b"x-forwarded-for")
-        if not forwarded or not self._is_trusted(peer):
-            return peer
-        # The right-most address not added by one of our own proxies is the client.
-        hops = [h.strip() for h in forwarded.decode("latin-1").split(",") if h.strip()]
-        for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                return hop
-        return hops[0] if hops else peer
-
-    def _is_trusted(self, addr: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(addr)
-        except ValueError:
-            return False
-        return any(ip in net for net in self._trusted)
-
-    def _check_claims(self, scope: Scope, headers: dict[bytes, bytes], key: OpenKey) -> None:
-        claims = key.claims
-        if claims.expires_at is not None and time.time() >= claims.expires_at:
-            raise ProxyError("key_expired", "This key has expired.")
-        if key.networks:
-            try:
-                addr = ipaddress.ip_address(self._client_ip(scope, headers))
-            except ValueError:
-                addr = None
-            if addr is None or not any(addr in net for net in key.networks):
-                raise ProxyError("ip_not_allowed", "This key may not be used from your address.")
-
     # --- the request ---
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = dict(scope["headers"])
-        token = _find_token(headers, scope.get("query_string", b""))
-        if token is None:
-            raise ProxyError("invalid_api_key", "No API key provided. Use your Till scoped key.")
-        try:
-            key = self._open(token)
-        except InvalidToken:
-            raise ProxyError("invalid_api_key", "Incorrect API key provided.") from None
+        key = self.gate.admit(scope, headers)
         method, path = scope["method"], scope["path"]
         provider = self.providers.get(key.claims.provider)
         query = scope.get("query_string", b"")
@@ -288,7 +218,7 @@ class Proxy:
         if provider is None or route is None:
             # The path is not echoed: it is the client's input and may hold anything.
             raise ProxyError("not_found", f"Till does not forward {method} requests to this path.")
-        self._check_claims(scope, headers, key)
+        self.gate.check(scope, headers, key)
         forward = _forwarded_headers(headers)
 
         # Step 3: body, estimate, reserve.
@@ -302,10 +232,13 @@ class Proxy:
                 raise ProxyError("invalid_json", str(exc)) from None
             info = route.format.inspect(route, body)
         if key.claims.allowed_models:
-            raw = _check_model(key.claims.allowed_models, route, method, raw, info)
+            raw = check_model(key.claims.allowed_models, route, method, raw, info)
         ex = Exchange(
             key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
         )
+        idempotency_key = headers.get(b"idempotency-key")
+        if idempotency_key is not None:
+            ex.idempotency = self._idempotency(key.claims.key_id, idempotency_key, scope, raw)
         input_tokens = ex.input_estimate = estimate_input_tokens(raw) if route.metered else 0
         if info.hidden_input:
             input_tokens += self.settings.hidden_input_tokens
@@ -334,6 +267,23 @@ class Proxy:
         finally:
             if stream:
                 self._streams -= 1
+
+    def _idempotency(self, key_id: str, value: bytes, scope: Scope, raw: bytes) -> Idempotency:
+        """The ledger's view of an Idempotency-Key: its record is named by the key id and the
+        value (hashed: the value is the client's, and may hold anything), and a retry must send
+        the same method, path, query and body."""
+        if not 1 <= len(value) <= MAX_IDEMPOTENCY_KEY or not value.isascii():
+            raise ProxyError(
+                "invalid_header",
+                f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} ASCII characters.",
+            )
+        digest = hashlib.blake2b(value, digest_size=16, key=key_id.encode()).hexdigest()
+        request = hashlib.blake2b(digest_size=16)
+        for part in (scope["method"].encode(), scope["path"].encode(), scope["query_string"]):
+            request.update(part)
+            request.update(b"\0")
+        request.update(raw)
+        return Idempotency(digest, request.hexdigest(), self.settings.idempotency_seconds)
 
     async def _read_body(self, receive: Receive, headers: dict[bytes, bytes]) -> bytes:
         limit = self.settings.max_body_bytes
@@ -390,6 +340,8 @@ class Proxy:
                 hold_seconds=self.settings.hold_seconds,
                 min_output=info.generations if produces_output else 0,
                 rate_window_ms=self.settings.rate_window_seconds * 1000,
+                ancestors=ex.claims.parents,
+                idempotency=ex.idempotency,
             )
         except StoreUnavailable:
             raise ProxyError(
@@ -457,6 +409,7 @@ class Proxy:
                     data = filter_model_list(data, ex.claims.allowed_models)
             else:
                 ex.usage, ex.model = ex.route.format.usage(ex.route, data)
+                ex.completed = True
                 if ex.usage is None and ex.route.kind in NO_OUTPUT_KINDS:
                     # No usage in the answer (Gemini's embeddings): charge the input estimate,
                     # which a key without limits never held.
@@ -522,6 +475,7 @@ class Proxy:
         key without limits holds nothing, so it is charged what was seen."""
         if complete:
             ex.usage, ex.model = meter.usage, meter.model
+            ex.completed = True
         elif not ex.limited:
             ex.usage, ex.model = meter.usage or meter.partial, meter.model
 
@@ -547,6 +501,9 @@ class Proxy:
                 tokens=tokens,
                 microcents=cost,
                 refund_activation=ex.refund,
+                ancestors=ex.claims.parents,
+                idempotency=ex.idempotency,
+                completed=ex.completed,
             )
         except StoreUnavailable:
             # The ledger keeps retrying in the background; if the store stays away, the hold
@@ -578,50 +535,35 @@ def _broke_off(ex: Exchange, exc: BaseException, message: str) -> ProxyError:
     return ProxyError("upstream_unavailable", message)
 
 
-def _check_model(
-    allowed: tuple[str, ...], route: Route, method: str, raw: bytes, info: RequestInfo
-) -> bytes:
-    """Refuse a request for a model the key may not use, or naming none, before anything is
-    reserved; else the body to forward. The model list names no model: it is trimmed to the
-    allowed ones instead."""
-    if route.model:
-        model = route.model  # in the path (Gemini, a model's own page)
-    elif route.metered:
-        model = info.model  # a body naming it twice is forwarded with the copy read here
-    elif method == "POST":
-        # count_tokens, whose body is forwarded unread otherwise.
-        try:
-            body = decode_body(raw)
-        except BadRequest as exc:
-            raise ProxyError("invalid_json", str(exc)) from None
-        model = field_str(body, "model")
-        if repeats_fields(body):
-            # The provider must not read another copy of "model" than the one checked.
-            raw = encode(body)
-    else:
-        return raw
-    if model_allowed(model, allowed):
-        return raw
-    if not model:
-        raise ProxyError(
-            "model_not_allowed", "This key may use only certain models, and the request names none."
-        )
-    raise ProxyError(
-        "model_not_allowed",
-        f"This key may not use model {model[:MAX_QUOTED_MODEL]!r}.",
-        model=model[:MAX_QUOTED_MODEL],
-    )
+_IDEMPOTENCY_MESSAGES: Final = {
+    "idempotency_in_progress": "A request with this Idempotency-Key is still running; "
+    "retry shortly.",
+    "idempotent_request_completed": "The request with this Idempotency-Key completed (request "
+    "{request_id}) and was paid once; Till keeps no copy of answers. Send a new "
+    "Idempotency-Key to ask again.",
+    "idempotency_key_reused": "This Idempotency-Key was used with another request; a retry "
+    "must send the same request.",
+}
 
 
 def _refusal(exc: Refused, model: str, window_seconds: int = 60) -> ProxyError:
     code = exc.code
+    if code in _IDEMPOTENCY_MESSAGES:
+        if code == "idempotency_in_progress":
+            return ProxyError(code, _IDEMPOTENCY_MESSAGES[code], retry_after_ms=exc.retry_after_ms)
+        message = _IDEMPOTENCY_MESSAGES[code].format(request_id=exc.detail)
+        if code == "idempotent_request_completed":
+            return ProxyError(code, message, final=True, request_id=exc.detail)
+        return ProxyError(code, message)
+    # A child key is refused by its own limits, or by those of a key above it.
+    whose = "This key's parent key's" if exc.detail == "parent" else "This key's"
     if code in RATE_CODES:
         limit, used = exc.limit, exc.used
         if code == "rate_limited":
             per = "minute" if window_seconds == 60 else f"{window_seconds} seconds"
-            message = f"This key's rate limit is reached: {limit} requests per {per}."
+            message = f"{whose} rate limit is reached: {limit} requests per {per}."
         else:
-            message = f"This key's concurrency limit is reached: {used} of {limit} in flight."
+            message = f"{whose} concurrency limit is reached: {used} of {limit} in flight."
         return ProxyError(
             code, message, retry_after_ms=exc.retry_after_ms,
             limit=limit, used=used, remaining=0,
@@ -633,6 +575,9 @@ def _refusal(exc: Refused, model: str, window_seconds: int = 60) -> ProxyError:
             model=model,
         )
     if code not in LIMIT_CODES:
+        if exc.detail == "parent" and code in ("key_revoked", "key_expired"):
+            state = "revoked" if code == "key_revoked" else "expired"
+            return ProxyError(code, f"This key's parent key has been {state}.")
         messages = {
             "key_revoked": "This key has been revoked.",
             "key_expired": "This key has expired.",
@@ -654,31 +599,14 @@ def _refusal(exc: Refused, model: str, window_seconds: int = 60) -> ProxyError:
         )
         return ProxyError(
             code,
-            f"This key's spend limit is reached: {used_c} of {limit_c} cents used.",
+            f"{whose} spend limit is reached: {used_c} of {limit_c} cents used.",
             limit=limit_c, used=used_c, remaining=rem_c, unit="cents",
         )  # fmt: skip
     return ProxyError(
         code,
-        f"This key's {what} limit is reached: {used} of {limit} used, {remaining} remaining.",
+        f"{whose} {what} limit is reached: {used} of {limit} used, {remaining} remaining.",
         limit=limit, used=used, remaining=remaining, unit=what,
     )  # fmt: skip
-
-
-def _find_token(headers: dict[bytes, bytes], query_string: bytes) -> str | None:
-    auth = headers.get(b"authorization")
-    if auth is not None:
-        scheme, _, value = auth.partition(b" ")
-        if scheme.lower() == b"bearer" and value:
-            return value.strip().decode("latin-1")
-    for name in (b"x-api-key", b"x-goog-api-key"):
-        header = headers.get(name)
-        if header:
-            return header.strip().decode("latin-1")
-    if query_string and b"key=" in query_string:
-        for k, v in parse_qsl(query_string.decode("latin-1")):
-            if k == "key" and v:
-                return v
-    return None
 
 
 def _forwarded_headers(headers: dict[bytes, bytes]) -> list[tuple[str, str]]:

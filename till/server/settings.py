@@ -54,6 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A key's `rpm` counts the requests of a sliding window this long: a minute, except in tests
     # that must not wait one (rpm is then requests per window).
     rate_window_seconds: int = 60
+    # A retry under the same Idempotency-Key within this long is answered rather than sent on.
+    idempotency_seconds: int = 86400
     # Output tokens reserved when a limited key's request sets no output cap of its own.
     default_max_output_tokens: int = 4096
     # Input reserved on top of the body for a request that continues a conversation stored at
@@ -97,6 +99,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
     "TILL_REAP_INTERVAL": ("reap_interval", float),
     "TILL_RATE_WINDOW_SECONDS": ("rate_window_seconds", int),
+    "TILL_IDEMPOTENCY_SECONDS": ("idempotency_seconds", int),
     "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
     "TILL_HIDDEN_INPUT_TOKENS": ("hidden_input_tokens", int),
     "TILL_REDIS_TIMEOUT": ("redis_timeout", float),
@@ -154,6 +157,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_REAP_INTERVAL must be positive")
     if not 1 <= s.rate_window_seconds <= 86400:
         raise SettingsError("TILL_RATE_WINDOW_SECONDS must be between 1 and 86400")
+    if s.idempotency_seconds < 1:
+        raise SettingsError("TILL_IDEMPOTENCY_SECONDS must be at least 1")
     if s.hidden_input_tokens < 0:
         raise SettingsError("TILL_HIDDEN_INPUT_TOKENS must not be negative")
     if s.default_max_output_tokens < 1:

@@ -1,0 +1,217 @@
+"""Child keys, top-ups and Idempotency-Key inside the scripts, on every store (Redis, embedded,
+cluster): what the proxy and the reaper ask of the ledger, called directly. Stores, helpers
+and the refusal checks are test_ledger's.
+"""
+
+# The store fixtures come from test_ledger, and tests name them as parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.exceptions as rexc
+
+from tests.cluster import redis_cluster_fixture  # noqa: F401
+from tests.server.test_ledger import (  # noqa: F401 (fixtures)
+    HOUR,
+    MONTH,
+    dedicated,
+    embedded_url,
+    key_of,
+    ledger,
+    new_key,
+    new_tenant,
+    refused,
+    snapshot,
+    store_url,
+)
+from till.server.ledger import Idempotency, Ledger, StoreUnavailable, tkey
+from till.tokens import new_key_id
+
+
+async def child_of(
+    ledger: Ledger,
+    tenant: str,
+    ancestors: list[str],
+    *,
+    max_activations: int = 10,
+    max_tokens: int | None = None,
+) -> str:
+    return await new_key(
+        ledger, tenant, max_activations=max_activations, max_tokens=max_tokens, ancestors=ancestors
+    )
+
+
+async def take(
+    ledger: Ledger,
+    tenant: str,
+    key: str,
+    rid: str,
+    *,
+    ancestors: tuple[str, ...] = (),
+    idem: Idempotency | None = None,
+    hold_seconds: int = HOUR,
+) -> None:
+    await ledger.reserve(
+        tenant_id=tenant,
+        key_id=key,
+        request_id=rid,
+        month=MONTH,
+        input_tokens=10,
+        asked_output=50,
+        default_output=100,
+        input_microcents=0,
+        output_nanocents=0,
+        hold_seconds=hold_seconds,
+        ancestors=ancestors,
+        idempotency=idem,
+    )
+
+
+async def test_a_childs_hold_is_held_and_reaped_on_every_ancestor(ledger: Ledger) -> None:
+    tenant = await new_tenant(ledger)
+    root = await new_key(ledger, tenant, max_activations=10, max_tokens=10_000)
+    child = await child_of(ledger, tenant, [root], max_tokens=5000)
+    grandchild = await child_of(ledger, tenant, [child, root])
+    # Its worker dies holding the hold: the reaper charges it, on each key, and frees the slot.
+    await take(ledger, tenant, grandchild, "dies", ancestors=(child, root), hold_seconds=-1)
+    for key in (grandchild, child, root):
+        rec = await key_of(ledger, tenant, key)
+        assert (rec.used_activations, rec.held_tokens, rec.in_flight) == (1, 60, 1)
+    assert await ledger.reap() == 1
+    for key in (grandchild, child, root):
+        rec = await key_of(ledger, tenant, key)
+        assert (rec.used_activations, rec.held_tokens, rec.used_tokens, rec.in_flight) == (
+            1,
+            0,
+            60,
+            0,
+        )
+
+
+async def test_a_child_is_refused_by_any_ancestor_and_writes_nothing(ledger: Ledger) -> None:
+    tenant = await new_tenant(ledger)
+    root = await new_key(ledger, tenant, max_activations=1)
+    child = await child_of(ledger, tenant, [root], max_activations=1)
+    kid = await child_of(ledger, tenant, [child, root], max_activations=1)
+    await take(ledger, tenant, child, "one", ancestors=(root,))
+    before = await snapshot(ledger, tenant)
+    error = await refused(
+        take(ledger, tenant, kid, "two", ancestors=(child, root)), "activation_limit_reached"
+    )
+    assert error.detail == "parent"
+    assert await snapshot(ledger, tenant) == before
+    # A revoked ancestor, or one gone from the store, refuses as well.
+    await ledger.revoke_key(tenant, root)
+    before = await snapshot(ledger, tenant)
+    error = await refused(
+        take(ledger, tenant, kid, "three", ancestors=(child, root)), "key_revoked"
+    )
+    assert await snapshot(ledger, tenant) == before
+    ghost = new_key_id()
+    fresh = await new_key(ledger, tenant)
+    await refused(take(ledger, tenant, fresh, "four", ancestors=(ghost,)), "key_revoked")
+    assert (await key_of(ledger, tenant, fresh)).used_activations == 0
+
+
+async def test_a_lost_reserve_reply_under_an_idempotency_key_costs_one_activation(
+    ledger: Ledger,
+) -> None:
+    tenant = await new_tenant(ledger)
+    key = await new_key(ledger, tenant, max_activations=1)
+    idem = Idempotency("d" * 32, "f" * 32)
+    # The reserve ran but its reply was lost: the ledger cancels it, giving the activation
+    # back, and the record lets a retry go.
+    await take(ledger, tenant, key, "lost", idem=idem)
+    await ledger._cancel_reservation(tenant, key, "lost", MONTH, (), idem)
+    rec = await key_of(ledger, tenant, key)
+    assert (rec.used_activations, rec.in_flight, rec.held_tokens) == (0, 0, 0)
+    state = await ledger.store.hgetall(tkey(tenant, f"i:{idem.digest}"))  # type: ignore[misc]
+    assert (state[b"state"], state[b"act"]) == (b"open", b"0")
+    await take(ledger, tenant, key, "retry", idem=idem)
+    assert (await key_of(ledger, tenant, key)).used_activations == 1
+    await refused(take(ledger, tenant, key, "again", idem=idem), "idempotency_in_progress")
+    await ledger.settle(
+        tenant_id=tenant,
+        key_id=key,
+        request_id="retry",
+        month=MONTH,
+        tokens=30,
+        microcents=0,
+        idempotency=idem,
+        completed=True,
+    )
+    error = await refused(
+        take(ledger, tenant, key, "late", idem=idem), "idempotent_request_completed"
+    )
+    assert error.detail == "retry"
+    other = Idempotency(idem.digest, "0" * 32)
+    await refused(take(ledger, tenant, key, "other", idem=other), "idempotency_key_reused")
+    rec = await key_of(ledger, tenant, key)
+    assert (rec.used_activations, rec.used_tokens, rec.in_flight) == (1, 30, 0)
+
+
+async def test_a_late_settlement_of_an_earlier_call_leaves_the_record_alone(
+    ledger: Ledger,
+) -> None:
+    tenant = await new_tenant(ledger)
+    key = await new_key(ledger, tenant, max_activations=5)
+    idem = Idempotency("e" * 32, "f" * 32)
+    await take(ledger, tenant, key, "first", idem=idem)
+    await ledger.settle(
+        tenant_id=tenant, key_id=key, request_id="first", month=MONTH, tokens=0,
+        microcents=0, idempotency=idem, completed=False,
+    )  # fmt: skip
+    await take(ledger, tenant, key, "second", idem=idem)
+    # The first call's settlement again (a repair): skipped, and the second stays running.
+    again = await ledger.settle(
+        tenant_id=tenant, key_id=key, request_id="first", month=MONTH, tokens=0,
+        microcents=0, idempotency=idem, completed=True,
+    )  # fmt: skip
+    assert again is None
+    await refused(take(ledger, tenant, key, "third", idem=idem), "idempotency_in_progress")
+    assert (await key_of(ledger, tenant, key)).used_activations == 1
+
+
+async def test_concurrent_retries_under_one_idempotency_key_run_once(ledger: Ledger) -> None:
+    tenant = await new_tenant(ledger)
+    key = await new_key(ledger, tenant, max_activations=100)
+    idem = Idempotency("c" * 32, "f" * 32)
+    results = await asyncio.gather(
+        *(take(ledger, tenant, key, f"r{i}", idem=idem) for i in range(40)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 1
+    assert all(getattr(r, "code", None) == "idempotency_in_progress" for r in results if r)
+    rec = await key_of(ledger, tenant, key)
+    assert (rec.used_activations, rec.in_flight) == (1, 1)
+
+
+async def test_top_ups_and_limit_changes_are_atomic(ledger: Ledger) -> None:
+    tenant = await new_tenant(ledger)
+    key = await new_key(ledger, tenant, max_activations=1, max_tokens=100)
+    await take(ledger, tenant, key, "a")
+    assert (await key_of(ledger, tenant, key)).status == "exhausted"
+    await asyncio.gather(
+        *(ledger.update_key(tenant, key, changes=[("add", "max_act", 1)]) for _ in range(30))
+    )
+    rec = await key_of(ledger, tenant, key)
+    assert (rec.max_activations, rec.status) == (31, "active")
+    # One bad change among good ones: nothing is applied.
+    before = await snapshot(ledger, tenant)
+    bad_changes: list[list[tuple[str, str, int]]] = [
+        [("set", "max_tok", 5), ("add", "max_mc", 1)],  # no spend limit to add to
+        [("set", "max_tok", 5), ("del", "max_act", 0)],
+        [("set", "max_tok", 5), ("set", "used_act", 0)],
+        [("set", "max_tok", 5), ("mul", "max_act", 2)],
+        [("set", "max_tok", 0)],
+        [("add", "max_tok", 2**53)],
+    ]
+    for changes in bad_changes:
+        with pytest.raises((rexc.ResponseError, Exception)) as caught:
+            await ledger.update_key(tenant, key, changes=changes)
+        assert not isinstance(caught.value, StoreUnavailable)
+        assert await snapshot(ledger, tenant) == before, changes
+    assert await ledger.update_key(tenant, new_key_id(), changes=[("add", "max_act", 1)]) is None
