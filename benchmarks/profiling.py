@@ -71,7 +71,7 @@ def _package(frame: str) -> str:
     return path.split("/", 1)[0].removesuffix(".py")
 
 
-def profile(seconds: int, keep: Path | None = None, server: str = "hypercorn") -> str:
+def profile(seconds: int, keep: Path | None = None, server: str = "uvicorn") -> str:
     scenario = Scenario(stream=False, concurrency=32)
     # The directory goes last: Till stops its embedded Redis through the files in it.
     with tempfile.TemporaryDirectory(prefix="till-profile-") as tmp, ExitStack() as stack:

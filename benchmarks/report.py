@@ -16,7 +16,7 @@ from pathlib import Path
 from benchmarks.load import Run, Scenario
 
 DIRECT, FLOOR = "direct", "floor"
-TILLS = ("till", "till-uvicorn", "till-redis")
+TILLS = ("till", "till-hypercorn", "till-redis")
 PACKAGES = ("till-ac", "hypercorn", "starlette", "aiohttp", "redis", "hiredis", "uvloop", "msgspec")
 
 
@@ -301,12 +301,13 @@ def render(results: Results, title: str) -> str:
         "",
         "Targets: **direct** is the mock provider alone (`tests/mock_upstream.py`, on uvloop);"
         " **floor** is `benchmarks/passthrough.py`, a bare aiohttp passthrough (one process,"
-        " uvloop), the least a Python proxy adds; **Till** is `till serve` (one worker) on its"
-        " embedded store, and on a Redis server (Debian's `redis-server`)."
+        " uvloop), the least a Python proxy adds; **Till** is `till serve` (one worker, uvicorn"
+        " with httptools and uvloop) on its embedded store, and on a Redis server (Debian's"
+        " `redis-server`)."
         + (
-            " **Till under uvicorn** is the same app (one worker, embedded store) under uvicorn"
-            " with uvloop and httptools instead of hypercorn, for comparison: Till ships hypercorn."
-            if "till-uvicorn" in results.labels
+            " **Till under hypercorn** is the same (one worker, embedded store) under hypercorn,"
+            " the other server `till serve` offers (`--server hypercorn`), for comparison."
+            if "till-hypercorn" in results.labels
             else ""
         ),
         "",

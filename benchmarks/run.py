@@ -8,7 +8,7 @@ them alike; each figure is the median over rounds. Run::
     make bench          # the full run (a few minutes); writes benchmarks/RESULTS.md
     make bench-quick    # a one-minute smoke run; prints only
     make profile        # py-spy on Till's worker under load; prints its top functions
-    python benchmarks/run.py --server uvicorn   # adds Till's app under uvicorn, a row of its own
+    python benchmarks/run.py --server hypercorn # adds Till under hypercorn, a row of its own
     python benchmarks/run.py --help
 """
 
@@ -56,14 +56,13 @@ from benchmarks.targets import (  # noqa: E402
     start_floor,
     start_mock,
     start_till,
-    uvicorn_available,
 )
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 TARGETS = ("direct", "floor", "till", "till-redis")
-# Measured when asked for (--server uvicorn): Till's app under another ASGI server.
-OPTIONAL = ("till-uvicorn",)
-ORDER = ("direct", "floor", "till", "till-uvicorn", "till-redis")
+# Measured when asked for (--server hypercorn): Till under its other HTTP server.
+OPTIONAL = ("till-hypercorn",)
+ORDER = ("direct", "floor", "till", "till-hypercorn", "till-redis")
 SCENARIOS = [Scenario(stream, c) for stream in (False, True) for c in (1, 32, 128)]
 QUIET = 0.10  # share of all cores busy with other work, above which a run is flagged
 _STARTED = time.monotonic()
@@ -170,8 +169,8 @@ def start_targets(stack: ExitStack, names: list[str], mock: Target, work: Path) 
             targets.append(mock)
         elif name == "floor":
             targets.append(start_floor(stack, mock.url))
-        elif name == "till-uvicorn":
-            targets.append(start_till(stack, mock.url, work, with_redis=False, server="uvicorn"))
+        elif name == "till-hypercorn":
+            targets.append(start_till(stack, mock.url, work, with_redis=False, server="hypercorn"))
         else:
             targets.append(start_till(stack, mock.url, work, with_redis=name == "till-redis"))
     return targets
@@ -188,11 +187,6 @@ def benchmark(plan: Plan, names: list[str]) -> Results:
     if "till-redis" in names and not redis_server_available():
         names = [name for name in names if name != "till-redis"]
         results.notes.append("Till on a Redis server: skipped, redis-server is not installed.")
-    if "till-uvicorn" in names and not uvicorn_available():
-        names = [name for name in names if name != "till-uvicorn"]
-        results.notes.append(
-            "Till under uvicorn: skipped, uvicorn[standard] is not installed (dev extra)."
-        )
 
     # The directory goes last: Till stops its embedded Redis through the files in it.
     busy = machine_busy()
@@ -293,11 +287,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--driver", choices=("auto", "wrk", "builtin"), default="auto")
     parser.add_argument(
         "--server",
-        choices=("hypercorn", "uvicorn"),
-        default="hypercorn",
-        help="uvicorn: also run Till's app under uvicorn (uvloop, httptools), a row of its own"
-        " beside `till serve` (hypercorn), to measure what the ASGI server costs; with"
-        " --profile, profile Till under uvicorn",
+        choices=("uvicorn", "hypercorn"),
+        default="uvicorn",
+        help="hypercorn: also run Till under hypercorn (`till serve --server hypercorn`), a row"
+        " of its own beside the default uvicorn, to measure what the HTTP server costs; with"
+        " --profile, profile Till under hypercorn",
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile Till with py-spy instead (15 s)"
@@ -306,8 +300,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if unknown := set(args.only) - set(TARGETS) - set(OPTIONAL):
         parser.error(f"unknown targets: {', '.join(sorted(unknown))}")
-    if args.server == "uvicorn" and "till-uvicorn" not in args.only:
-        args.only.append("till-uvicorn")
+    if args.server == "hypercorn" and "till-hypercorn" not in args.only:
+        args.only.append("till-hypercorn")
     return args
 
 

@@ -164,30 +164,15 @@ def redis_server_available() -> bool:
     return shutil.which("redis-server") is not None
 
 
-# Till's app under uvicorn (uvloop, httptools), to measure what the ASGI server costs. Only the
-# harness runs it (uvicorn is in the dev extra); `till serve` ships hypercorn. Settings as
-# `till serve` gives hypercorn: no access log, no server header, its idle timeout and backlog.
-UVICORN = (
-    "-m", "uvicorn", "till.server.asgi:app", "--host", "127.0.0.1", "--loop", "uvloop",
-    "--http", "httptools", "--lifespan", "on", "--no-access-log", "--no-server-header",
-    "--timeout-keep-alive", "75", "--backlog", "2048", "--log-level", "warning",
-)  # fmt: skip
-
-
-def uvicorn_available() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("uvicorn", "httptools"))
-
-
 def start_till(
-    stack: ExitStack, upstream: str, work: Path, with_redis: bool, server: str = "hypercorn"
+    stack: ExitStack, upstream: str, work: Path, with_redis: bool, server: str = "uvicorn"
 ) -> Target:
     """`till serve` on the embedded store, or on a redis-server of its own; a key to use.
-    ``server="uvicorn"``: the same app, one worker, embedded store, under uvicorn instead."""
+    ``server="hypercorn"``: the same, one worker, embedded store, under hypercorn instead of
+    the default uvicorn (`till serve --server hypercorn`)."""
     name = "till-redis" if with_redis else "till"
-    if server == "uvicorn":
-        name = "till-uvicorn"
+    if server == "hypercorn":
+        name = "till-hypercorn"
     data_dir = work / name
     data_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("TILL_")}
@@ -205,9 +190,7 @@ def start_till(
         env.update(TILL_REDIS_URL=server.url, TILL_SECRET_KEYS=Keyring.generate("b1").format())
     port = free_port()
     log = work / f"{name}.log"
-    command = [str(BIN / "till"), "serve", "--port", str(port)]
-    if server == "uvicorn":
-        command = [sys.executable, *UVICORN, "--port", str(port)]
+    command = [str(BIN / "till"), "serve", "--port", str(port), "--server", server]
     with log.open("ab") as out:
         proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
     stack.callback(stop_process, proc)
@@ -219,8 +202,8 @@ def start_till(
         raise RuntimeError(f"till serve did not start ({exc}):\n{tail}") from exc
     token = _new_key(url, env)
     label = "Till, Redis server" if with_redis else "Till, embedded store"
-    if server == "uvicorn":
-        label = "Till under uvicorn, embedded store"
+    if server == "hypercorn":
+        label = "Till under hypercorn, embedded store"
     return Target(name, label, url, token, (proc.pid,), extra, redis_port)
 
 

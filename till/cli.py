@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -58,60 +57,37 @@ def _self_command() -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hypercorn.config import Config
-    from hypercorn.run import run
-
-    from till.server import logs
+    from till.server import logs, serve
     from till.server.embedded import EmbeddedRedis
     from till.server.keyfile import load_keyring
 
-    settings = _server_settings(host=args.host, port=args.port, workers=args.workers)
+    settings = _server_settings(
+        host=args.host, port=args.port, workers=args.workers, server=args.server
+    )
     logs.configure(settings.log_level)
     # Workers are separate processes that read their settings from the environment.
     os.environ.update(
-        TILL_HOST=settings.host, TILL_PORT=str(settings.port), TILL_WORKERS=str(settings.workers)
-    )
+        TILL_HOST=settings.host, TILL_PORT=str(settings.port), TILL_WORKERS=str(settings.workers),
+        TILL_SERVER=settings.server,
+    )  # fmt: skip
     load_keyring(settings)  # made once here, so workers starting together find one keyring
     embedded = None
     if settings.embedded:
         # Started before the workers, which join it; stopped after the last one exits.
         embedded = EmbeddedRedis(settings.data_dir)
         embedded.start()
-    config = Config()
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    config.bind = [f"{host}:{settings.port}"]
-    config.application_path = "till.server.asgi:app"
-    config.workers = settings.workers if settings.workers > 1 else 0
-    # Paths only: a query string can hold a token (?key=...), and logs must never see one.
-    config.accesslog = logging.getLogger("till.access") if settings.access_log else None
-    config.access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss'
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.loglevel = settings.log_level.upper()
-    config.graceful_timeout = settings.graceful_timeout
-    # Keep it above the load balancer's idle timeout (nginx.conf: 60 s). The timer runs from a
-    # connection's start, or the end of its last response, until a request's headers are in:
-    # it is also the bound on headers sent slowly. (hypercorn's read_timeout is not set: it
-    # bounds the client's silence, and a client waiting for a long answer is silent.)
-    config.keep_alive_timeout = settings.idle_timeout
-    config.include_server_header = False
-    # Agent fleets open connections in bursts; hypercorn's default backlog of 100 drops them.
-    config.backlog = 2048
-    try:
-        import uvloop  # noqa: F401
-
-        config.worker_class = "uvloop"
-    except ImportError:  # pragma: no cover - uvloop is part of the server extra
-        pass
     store = f"embedded Redis in {settings.data_dir}" if embedded else "Redis at TILL_REDIS_URL"
     print(
         f"Till listening on http://{host}:{settings.port} "
-        f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, {store})\n"
+        f"({settings.workers} worker{'s' if settings.workers > 1 else ''}, {settings.server}, "
+        f"{store})\n"
         f"  make a tenant:  {_self_command()} tenant create NAME    (prints its admin key)\n"
         f"  OpenAI base URL for scoped keys: http://{host}:{settings.port}/v1",
         flush=True,
     )
     try:
-        return run(config) or EXIT_OK
+        return serve.run(settings) or EXIT_OK
     finally:
         if embedded is not None:
             embedded.stop()
@@ -839,6 +815,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (TILL_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (TILL_PORT, default 8787)")
     serve.add_argument("--workers", type=int, help="worker processes (TILL_WORKERS, default 1)")
+    serve.add_argument(
+        "--server",
+        choices=("uvicorn", "hypercorn"),
+        help="HTTP server (TILL_SERVER, default uvicorn; hypercorn speaks HTTP/2 as well)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     tenant = sub.add_parser("tenant", help="manage tenants (talks to the store directly)")

@@ -67,9 +67,12 @@ def _reserve_calls(store: redis.Redis) -> int:
 # --- SIGTERM ---
 
 
-@pytest.fixture
-def pair(redis_server: RedisServer, mock_upstream: Mock, log_dir: Path) -> Iterator[list[Till]]:
-    """Two Tills on one store: the first is stopped by the test, the second reads the result."""
+@pytest.fixture(params=["uvicorn", "hypercorn"])
+def pair(
+    request: pytest.FixtureRequest, redis_server: RedisServer, mock_upstream: Mock, log_dir: Path
+) -> Iterator[list[Till]]:
+    """Two Tills on one store: the first is stopped by the test, the second reads the result.
+    The first runs under each server `till serve` offers."""
     keyring = Keyring.generate().format()
     with contextlib.ExitStack() as stack:
         yield [
@@ -81,6 +84,7 @@ def pair(redis_server: RedisServer, mock_upstream: Mock, log_dir: Path) -> Itera
                     log_dir,
                     TILL_SECRET_KEYS=keyring,
                     TILL_GRACEFUL_TIMEOUT="1.5",
+                    TILL_SERVER=request.param if i == 0 else "uvicorn",
                 )
             )
             for i in range(2)

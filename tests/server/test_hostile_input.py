@@ -651,9 +651,10 @@ def test_header_smuggling_is_refused_or_stripped(
 def test_a_smuggled_second_request_is_a_request_of_its_own(
     till: Till, admin: httpx.Client, upstream: Upstream, keys: dict[str, Key]
 ) -> None:
-    """Transfer-Encoding and Content-Length both: the chunked reading wins (an empty body, a
-    400), and the request hidden behind it is read as the client's next one: a 404 for
-    /v1/files. Till makes its own upstream requests, so nothing reaches the provider."""
+    """Transfer-Encoding and Content-Length both: refused outright by the HTTP server (uvicorn's
+    httptools: a bare 400, the connection closed), or the chunked reading wins (hypercorn: an
+    empty body, a 400), and the request hidden behind it is read as the client's next one: a
+    404 for /v1/files. Till makes its own upstream requests, so nothing reaches the provider."""
     watch = Watch(admin, upstream, keys)
     for provider, key in keys.items():
         name, value = next(iter(auth(provider, key.token).items()))
@@ -671,7 +672,9 @@ def test_a_smuggled_second_request_is_a_request_of_its_own(
         answers = send_raw(till, request)
         case = f"TE and CL ({provider})"
         statuses = [a.status for a in answers]
-        if statuses != [400, 404]:
+        if statuses == [400] and not answers[0].body:
+            pass  # the server refused the whole of it: nothing was read past the first line
+        elif statuses != [400, 404]:
             watch.problems.append(f"{case}: {statuses}")
         else:
             watch.refused(case, "/v1/chat/completions", answers[0], "invalid_json")

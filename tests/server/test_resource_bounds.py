@@ -3,6 +3,8 @@
 Every bound is set short in the server's environment (TILL_IDLE_TIMEOUT, TILL_BODY_TIMEOUT,
 TILL_WRITE_TIMEOUT: 1 s; TILL_MAX_STREAMS: 2; TILL_MAX_BODY_BYTES: 1 KiB), and raw sockets play
 the misbehaving client. Without its bound each test waits out its own deadline and fails.
+Each runs under both servers `till serve` offers (TILL_SERVER): the bounds on headers are the
+server's own (hypercorn) or Till's protocol guard around it (uvicorn, serve.py).
 """
 
 from __future__ import annotations
@@ -60,10 +62,13 @@ def mock_upstream() -> Iterator[Mock]:
     proc.stdout.close()
 
 
-@pytest.fixture(scope="module")
-def bounded(redis_server: RedisServer, mock_upstream: Mock, log_dir: Path) -> Iterator[Till]:
+@pytest.fixture(scope="module", params=["uvicorn", "hypercorn"])
+def bounded(
+    request: pytest.FixtureRequest, redis_server: RedisServer, mock_upstream: Mock, log_dir: Path
+) -> Iterator[Till]:
     with own_till(
-        "bounds", mock_upstream.url, redis_server.url, log_dir,
+        f"bounds-{request.param}", mock_upstream.url, redis_server.url, log_dir,
+        TILL_SERVER=request.param,
         TILL_IDLE_TIMEOUT=str(BOUND),
         TILL_BODY_TIMEOUT=str(BOUND),
         TILL_WRITE_TIMEOUT=str(BOUND),
@@ -185,6 +190,64 @@ def test_headers_sent_slowly_are_cut_off(
     assert took < BOUND + SLACK, "the connection was still open"
     assert took >= BOUND * 0.9
     assert received == b""  # closed, not answered: no request was ever read
+    assert_untouched(admin, key, mock_upstream)
+
+
+def test_headers_sent_slowly_on_a_kept_alive_connection_are_cut_off(
+    bounded: Till, admin: httpx.Client, mock_upstream: Mock
+) -> None:
+    """The bound holds for every request of a connection, not just its first: after an answer,
+    the next request's headers at five bytes a second are cut off the same way."""
+    key = create_key(admin)
+    head = request_head(key["scopedKey"], "content-length: 2")
+
+    async def second_request_slowly() -> tuple[bytes, float]:
+        reader, writer = await asyncio.open_connection(*address(bounded))
+        writer.write(head.replace(b"POST /v1/chat/completions", b"GET /healthz") + b"{}")
+        await writer.drain()
+        first = await reader.readuntil(b'{"status":"ok"}')
+        assert first.startswith(b"HTTP/1.1 200")
+        sending = asyncio.ensure_future(trickle(writer, head + b"{}", 0.2))
+        try:
+            return await read_to_close(reader, BOUND + SLACK)
+        finally:
+            sending.cancel()
+            writer.close()
+
+    mock_upstream.reset()
+    received, took = asyncio.run(second_request_slowly())
+    assert took < BOUND + SLACK, "the connection was still open"
+    assert received == b""
+    assert_untouched(admin, key, mock_upstream)
+
+
+def test_headers_past_64_kib_are_refused(
+    bounded: Till, admin: httpx.Client, mock_upstream: Mock
+) -> None:
+    """Headers that never end (a megabyte, at once): refused with 431 or closed once past
+    64 KiB (hypercorn's own bound is 16 KiB), never read to their end."""
+    key = create_key(admin)
+    mock_upstream.reset()
+    head = request_head(key["scopedKey"]).removesuffix(b"\r\n")
+    flood = b"".join(b"x-flood-%d: %s\r\n" % (i, b"f" * 1000) for i in range(1024))
+    reply, closed = b"", False
+    with socket.create_connection(address(bounded)) as sock:
+        sock.settimeout(BOUND + SLACK)
+        sock.sendall(head)
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            for start in range(0, len(flood), 16384):
+                sock.sendall(flood[start : start + 16384])
+        try:
+            while data := sock.recv(65536):
+                reply += data
+            closed = True
+        except ConnectionError:
+            closed = True  # reset: the server closed with our flood still unread
+        except TimeoutError:
+            pass
+    assert closed, "still open"
+    if reply:
+        assert reply.split(b" ", 2)[:2] == [b"HTTP/1.1", b"431"], reply[:200]
     assert_untouched(admin, key, mock_upstream)
 
 

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
 import aiohttp
@@ -26,10 +27,11 @@ from till.server.providers.anthropic import ANTHROPIC_FORMAT, AnthropicProvider
 from till.server.providers.base import Format, Provider
 from till.server.providers.google import GEMINI_FORMAT, GoogleProvider
 from till.server.providers.openai import OPENAI_FORMAT, OpenAIProvider
-from till.server.proxy import Proxy, Receive, Scope, Send
+from till.server.proxy import Message, Proxy, Receive, Scope, Send
 from till.server.settings import Settings
 
 log = logging.getLogger("till")
+access = logging.getLogger("till.access")
 
 REAPER_LOCK: Final = "till:reaper"
 ALL_METHODS: Final = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -139,17 +141,56 @@ class Dispatch:
     Starlette too would have routed to the proxy.
     """
 
-    __slots__ = ("_proxy", "app")
+    __slots__ = ("_proxy", "app", "log_access")
 
-    def __init__(self, app: Starlette, proxy: Proxy) -> None:
+    def __init__(self, app: Starlette, proxy: Proxy, *, log_access: bool = False) -> None:
         self.app = app
         self._proxy = proxy
+        self.log_access = log_access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not _for_starlette(scope["path"], scope["method"]):
-            await self._proxy(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+        elif self.log_access:
+            await _logged(self._route, scope, receive, send)
+        else:
+            await self._route(scope, receive, send)
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if _for_starlette(scope["path"], scope["method"]):
+            await self.app(scope, receive, send)
+        else:
+            await self._proxy(scope, receive, send)
+
+
+async def _logged(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """TILL_ACCESS_LOG: a line per request once its response is sent (or abandoned):
+    ``CLIENT "METHOD /path" STATUS BYTES SECONDSs``. The path only: a query string may carry a
+    token (?key=...), which no log line may."""
+    started = time.perf_counter()
+    status, size = 0, 0
+
+    async def counted(message: Message) -> None:
+        nonlocal status, size
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            size += len(message.get("body", b""))
+        await send(message)
+
+    try:
+        await app(scope, receive, counted)
+    finally:
+        client = (scope.get("client") or ("-", 0))[0]
+        access.info(
+            '%s "%s %s" %d %d %.6fs', client, scope["method"], scope["path"], status, size,
+            time.perf_counter() - started,
+        )  # fmt: skip
 
 
 def _for_starlette(path: str, method: str) -> bool:
@@ -197,7 +238,7 @@ def create_app(settings: Settings) -> Dispatch:
         return error_response(code, str(exc.detail))
 
     async def server_error(request: Request, exc: Exception) -> Response:
-        # Starlette re-raises after this handler, and hypercorn logs the traceback.
+        # Starlette re-raises after this handler, and the server logs the traceback.
         return error_response("internal_error", "Till failed to handle this request.")
 
     async def admin_fallback(request: Request) -> Response:
@@ -230,4 +271,4 @@ def create_app(settings: Settings) -> Dispatch:
         exception_handlers={HTTPException: http_error, Exception: server_error},
     )
     app.state.runtime = runtime
-    return Dispatch(app, proxy)
+    return Dispatch(app, proxy, log_access=settings.access_log)

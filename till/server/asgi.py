@@ -1,4 +1,4 @@
-"""The ASGI app as hypercorn workers import it: settings come from the environment."""
+"""The ASGI app as the server's workers import it: settings come from the environment."""
 
 from till.server import logs
 from till.server.app import create_app

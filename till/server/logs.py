@@ -33,6 +33,16 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class DropClientNoise(logging.Filter):
+    """uvicorn warns once per malformed request, which any client can send as fast as it
+    likes: the client gets its 400, the log gets nothing."""
+
+    NOISE = ("Invalid HTTP request received.",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(self.NOISE))
+
+
 def configure(level: str) -> None:
     """Once per process: spawned workers start with no handlers of their own."""
     root = logging.getLogger()
@@ -42,3 +52,6 @@ def configure(level: str) -> None:
         handler.addFilter(RedactSecrets())
         root.addHandler(handler)
     root.setLevel(level.upper())
+    server = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DropClientNoise) for f in server.filters):
+        server.addFilter(DropClientNoise())

@@ -71,7 +71,7 @@ class ClientStalled(Exception):
 class WriteDeadline:
     """A response's ``send``, bounded: a send that waits ``seconds`` raises ClientStalled.
 
-    hypercorn's send waits (transport drain) while the client's socket buffers are full, and
+    The server's send waits (transport drain) while the client's socket buffers are full, and
     aiohttp stops its read timeout while an upstream response is not being read: without this,
     a client that stops reading would hold its stream's upstream connection for good.
 

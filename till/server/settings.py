@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 
+SERVERS = ("uvicorn", "hypercorn")
 DEFAULT_UPSTREAMS = {
     "openai": "https://api.openai.com",
     "anthropic": "https://api.anthropic.com",
@@ -35,7 +36,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Requests: bodies past this size get 413 before they are read in full.
     max_body_bytes: int = 32 * 1024 * 1024
     # Slow clients. A connection gets idle_timeout seconds to send a request's headers (after
-    # it opens, or after the previous response: hypercorn's keep-alive timer covers both), then
+    # it opens, or after the previous response: serve.py bounds both, under either server), then
     # body_timeout seconds for the whole body (408), then write_timeout seconds for each piece
     # of the response it is sent (a client that stops reading is dropped).
     idle_timeout: float = 75.0
@@ -68,6 +69,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     access_log: bool = False
     log_level: str = "info"
+    # The HTTP server: uvicorn (httptools; about half the CPU per request) or hypercorn (HTTP/2).
+    server: str = "uvicorn"
 
     @property
     def embedded(self) -> bool:
@@ -107,6 +110,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_TRUSTED_PROXIES": ("trusted_proxies", tuple),
     "TILL_ACCESS_LOG": ("access_log", bool),
     "TILL_LOG_LEVEL": ("log_level", str),
+    "TILL_SERVER": ("server", str),
 }
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -157,6 +161,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_REAP_INTERVAL must be positive")
     if not 1 <= s.rate_window_seconds <= 86400:
         raise SettingsError("TILL_RATE_WINDOW_SECONDS must be between 1 and 86400")
+    if s.server not in SERVERS:
+        raise SettingsError("TILL_SERVER must be uvicorn or hypercorn")
     if s.idempotency_seconds < 1:
         raise SettingsError("TILL_IDEMPOTENCY_SECONDS must be at least 1")
     if s.hidden_input_tokens < 0:
