@@ -184,10 +184,10 @@ def start_till(
     redis_port = None
     extra: tuple[int, ...] = ()
     if with_redis:
-        server = start_redis(data_dir)
-        stack.callback(stop_process, server.proc)
-        redis_port, extra = server.port, (server.proc.pid,)
-        env.update(TILL_REDIS_URL=server.url, TILL_SECRET_KEYS=Keyring.generate("b1").format())
+        redis = start_redis(data_dir)
+        stack.callback(stop_process, redis.proc)
+        redis_port, extra = redis.port, (redis.proc.pid,)
+        env.update(TILL_REDIS_URL=redis.url, TILL_SECRET_KEYS=Keyring.generate("b1").format())
     port = free_port()
     log = work / f"{name}.log"
     command = [str(BIN / "till"), "serve", "--port", str(port), "--server", server]

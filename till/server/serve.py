@@ -1,11 +1,12 @@
 """Running the app: uvicorn (the default) or hypercorn, as TILL_SERVER says.
 
-uvicorn with httptools serves the same app with about half the CPU per request hypercorn needs
-(benchmarks/RESULTS.md), but it bounds neither how long a request's headers may take nor how
-large they may grow: a client trickling headers would hold its connection, and its memory,
-for ever. ``GuardedHttpTools`` adds both bounds, as hypercorn has them: the headers of each
-request must be in within TILL_IDLE_TIMEOUT of the connection opening or of the previous
-response ending, and within MAX_HEADER_BYTES. hypercorn stays available for HTTP/2.
+uvicorn with httptools serves the same app with a quarter less CPU per request than hypercorn,
+and a quarter more requests a second (benchmarks/RESULTS.md), but it bounds neither how long
+a request's headers may take nor how large they may grow: a client trickling headers would
+hold its connection, and its memory, for ever. ``GuardedHttpTools`` adds both bounds, as
+hypercorn has them: the headers of each request must be in within TILL_IDLE_TIMEOUT of the
+connection opening or of the previous response ending, and within MAX_HEADER_BYTES.
+hypercorn stays available for HTTP/2.
 """
 
 from __future__ import annotations
