@@ -9,6 +9,7 @@ and the refusal checks are test_ledger's.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 import redis.exceptions as rexc
@@ -27,7 +28,7 @@ from tests.server.test_ledger import (  # noqa: F401 (fixtures)
     snapshot,
     store_url,
 )
-from till.server.ledger import Idempotency, Ledger, StoreUnavailable, tkey
+from till.server.ledger import WORKERS, Idempotency, Ledger, StoreUnavailable, now_ms, tkey
 from till.tokens import new_key_id
 
 
@@ -215,3 +216,41 @@ async def test_top_ups_and_limit_changes_are_atomic(ledger: Ledger) -> None:
         assert not isinstance(caught.value, StoreUnavailable)
         assert await snapshot(ledger, tenant) == before, changes
     assert await ledger.update_key(tenant, new_key_id(), changes=[("add", "max_act", 1)]) is None
+
+
+async def test_a_dead_workers_holds_are_charged_at_once_and_free_their_slots(
+    ledger: Ledger,
+) -> None:
+    tenant = await new_tenant(ledger)
+    keys = []
+    for _ in range(3):
+        key_id = new_key_id()
+        await ledger.create_key(
+            tenant_id=tenant, key_id=key_id, provider="openai", max_activations=10,
+            max_tokens=10_000, max_microcents=None, metadata={}, ip_whitelist=[],
+            max_concurrent=1,
+        )  # fmt: skip
+        keys.append(key_id)
+    dead, live = new_key_id()[:8], new_key_id()[:8]
+    # Hours from their deadline: only a worker's death can get them reaped now.
+    await take(ledger, tenant, keys[0], f"{dead}-{'1' * 16}")
+    await take(ledger, tenant, keys[1], f"{live}-{'2' * 16}")
+    await take(ledger, tenant, keys[2], "3" * 24)  # an id without a worker: its deadline only
+    store: Any = ledger.store
+    await store.hset(WORKERS, dead, now_ms() - 60_000)
+    await ledger.heartbeat(live)
+    found = await ledger.dead_workers(30_000, 86_400_000)
+    assert dead in found and live not in found
+    assert await ledger.reap(dead=found) == 1
+    charged = await key_of(ledger, tenant, keys[0])
+    assert (charged.in_flight, charged.held_tokens, charged.used_tokens) == (0, 0, 60)
+    for key_id in keys[1:]:
+        running = await key_of(ledger, tenant, key_id)
+        assert (running.in_flight, running.held_tokens, running.used_tokens) == (1, 60, 0)
+    # The slot is free again for a new request of the key.
+    await take(ledger, tenant, keys[0], "after")
+    # Unknown to the store (never beat, or forgotten): not dead. Long gone: forgotten.
+    assert new_key_id()[:8] not in await ledger.dead_workers(30_000, 86_400_000)
+    await store.hset(WORKERS, dead, now_ms() - 2 * 86_400_000)
+    assert dead in await ledger.dead_workers(30_000, 86_400_000)
+    assert await store.hget(WORKERS, dead) is None

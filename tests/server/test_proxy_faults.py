@@ -193,6 +193,63 @@ def test_limit_is_exact_across_workers(
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def test_a_killed_workers_concurrency_slot_is_freed_when_it_stops_beating(
+    own_redis: RedisServer, mock_upstream: Mock, log_dir: Path
+) -> None:
+    """P12 with max_concurrent=1: SIGKILL the worker mid-stream. Its hold's deadline is an
+    hour away, yet the key's one slot is free again within TILL_WORKER_TIMEOUT (and a reaper
+    round): the survivor sees the worker stop beating and charges its hold at once."""
+    data_dir = short_tmpdir("till-beat-")
+    env = till_env(
+        data_dir,
+        mock_upstream.url,
+        own_redis.url,
+        TILL_SECRET_KEYS=Keyring.generate("r1").format(),
+        TILL_HOLD_SECONDS="3600",
+        TILL_REAP_INTERVAL="0.2",
+        TILL_WORKER_TIMEOUT="2",
+    )
+    doomed = start_till(env, log_dir / "till-beat-doomed.log")
+    survivor = start_till(env, log_dir / "till-beat-survivor.log")
+    chat = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 50}
+    try:
+        admin_key = doomed.new_tenant()
+        key = new_key(doomed, admin_key, max_tokens=100_000, max_concurrent=1)
+        auth = {"authorization": f"Bearer {key['scopedKey']}"}
+        with (
+            httpx.Client(timeout=30) as http,
+            http.stream(
+                "POST",
+                f"{doomed.url}/v1/chat/completions",
+                headers={**auth, "x-mock-delay-ms": "100"},
+                json={**chat, "stream": True, "max_tokens": 300},
+            ) as resp,
+        ):
+            chunks = resp.iter_raw()  # kept: a dropped iterator closes the response
+            next(chunks)
+            held = read_key(survivor, admin_key, key["id"])
+            doomed.proc.kill()  # SIGKILL: no settlement, no finally
+            doomed.proc.wait(5)
+        killed = time.monotonic()
+        refused = httpx.post(f"{survivor.url}/v1/chat/completions", headers=auth, json=chat)
+        assert refused.json()["error"]["code"] == "concurrency_limit_reached"
+        after = read_key(survivor, admin_key, key["id"])
+        while after["inFlight"] and time.monotonic() < killed + 10:
+            time.sleep(0.1)
+            after = read_key(survivor, admin_key, key["id"])
+        freed = time.monotonic() - killed
+        assert after["inFlight"] == 0, "the slot is still held"
+        assert freed < 2 + 3  # the worker timeout, a reaper round, and slack
+        # Charged its whole hold, once.
+        assert (after["heldTokens"], after["usedTokens"]) == (0, held["heldTokens"])
+        served = httpx.post(f"{survivor.url}/v1/chat/completions", headers=auth, json=chat)
+        assert served.status_code == 200, served.text
+    finally:
+        survivor.stop()
+        assert_no_secrets(survivor.log)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
 def test_worker_killed_mid_stream_is_charged_by_the_reaper(
     own_redis: RedisServer, mock_upstream: Mock, log_dir: Path
 ) -> None:

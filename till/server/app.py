@@ -49,9 +49,13 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # This worker, in its requests' ids and in the store's heartbeats (ledger.WORKERS).
+        self.worker_id = os.urandom(4).hex()
         self._ledger: Ledger | None = None
         self._http: aiohttp.ClientSession | None = None
         self._embedded: EmbeddedRedis | None = None
+        # Since when every heartbeat of this worker got through (None: the last one failed).
+        self._beating_since: float | None = None
 
     def ledger(self) -> Ledger:
         if self._ledger is None:
@@ -90,25 +94,57 @@ class Runtime:
         if self._http is not None:
             await self._http.close()
         if self._ledger is not None:
+            # Stopped cleanly, every request settled: nothing of this worker's to reap.
+            with contextlib.suppress(StoreUnavailable):
+                await self._ledger.forget_worker(self.worker_id)
             await self._ledger.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
 
-    async def reap_forever(self) -> None:
-        """Charge the holds of requests whose worker died; one worker at a time does it."""
-        token = os.urandom(8).hex()
+    async def beat_forever(self) -> None:
+        """Tell the store this worker lives, six times per TILL_WORKER_TIMEOUT."""
         while True:
-            interval = self.settings.reap_interval
+            try:
+                await self.ledger().heartbeat(self.worker_id)
+                if self._beating_since is None:
+                    self._beating_since = time.monotonic()
+            except StoreUnavailable:
+                self._beating_since = None
+            except Exception:
+                self._beating_since = None
+                log.exception("heartbeat failed; retrying")
+            await asyncio.sleep(self.settings.worker_timeout / 6)
+
+    def _judges_workers(self) -> bool:
+        """Whether this worker may call others dead: only once its own heartbeats have got
+        through for a whole TILL_WORKER_TIMEOUT, so that after the store was away, every live
+        worker has had the time to beat again."""
+        since = self._beating_since
+        return since is not None and time.monotonic() - since >= self.settings.worker_timeout
+
+    async def reap_forever(self) -> None:
+        """Charge the holds of requests whose worker died (past their deadline, or at once when
+        the worker stopped beating); one worker at a time does it."""
+        token = os.urandom(8).hex()
+        s = self.settings
+        while True:
+            interval = s.reap_interval
             await asyncio.sleep(interval)
             try:
                 ledger = self.ledger()
                 got = await ledger.store.set(
                     REAPER_LOCK, token, nx=True, px=max(1, int(interval * 1000))
                 )
-                if got:
-                    reaped = await ledger.reap()
-                    if reaped:
-                        log.info("reaper charged %d expired holds", reaped)
+                if not got:
+                    continue
+                dead: frozenset[str] = frozenset()
+                if self._judges_workers():
+                    dead = await ledger.dead_workers(
+                        int(s.worker_timeout * 1000), (s.hold_seconds + 86400) * 1000
+                    )
+                reaped = await ledger.reap(dead=dead - {self.worker_id})
+                if reaped:
+                    log.info("reaper charged %d holds of workers gone", reaped)
             except StoreUnavailable:
                 continue
             except Exception:
@@ -206,20 +242,24 @@ def create_app(settings: Settings) -> Dispatch:
     keyring = load_keyring(settings)
     runtime = Runtime(settings)
     proxy = Proxy(
-        settings, keyring, runtime.ledger, runtime.http, providers(), formats(), default_pricer
-    )
+        settings, keyring, runtime.ledger, runtime.http, providers(), formats(), default_pricer,
+        worker_id=runtime.worker_id,
+    )  # fmt: skip
     admin = Admin(runtime.ledger, keyring)
     holder = Holder(proxy.gate, runtime.ledger)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.open()
+        beat = asyncio.create_task(runtime.beat_forever())
         reaper = asyncio.create_task(runtime.reap_forever())
         try:
             yield
         finally:
             reaper.cancel()
             await proxy.drain()
+            # Beating until every request is settled: others must not reap what it drains.
+            beat.cancel()
             await runtime.close()
 
     async def healthz(request: Request) -> Response:

@@ -49,6 +49,13 @@ MAX_ANCESTORS: Final = 4
 # Revoking a key revokes its descendants, at most this many per call.
 MAX_CASCADE: Final = 10_000
 TENANTS_SET: Final = "till:tenants"
+# Worker liveness: field worker id -> its last heartbeat (ms since the epoch). A request id
+# starts with its worker's id and a dash ("<worker>-<random>"), so the reaper can tell the
+# holds of a worker that stopped beating (killed, its host gone) and charge them at once,
+# freeing their concurrency slots, instead of waiting for their deadline.
+WORKERS: Final = "till:workers"
+# Holds looked at per tenant and reaper round for a dead worker's (beyond the expired ones).
+MAX_HOLDS_SCANNED: Final = 10_000
 # A reserve or settle that failed past redis-py's one resend may still have run (its reply was
 # lost). The ledger finishes the job in the background: a failed reserve is cancelled (the
 # caller refused the request, nothing was forwarded), a failed settle is sent again; both are
@@ -856,8 +863,30 @@ class Ledger:
             "store unavailable after %d retries: a hold is left to the reaper", len(REPAIR_DELAYS)
         )
 
-    async def reap(self, *, limit: int = 500) -> int:
-        """Charge the holds whose deadline passed (their worker died). Returns how many.
+    # --- workers ---
+
+    async def heartbeat(self, worker_id: str) -> None:
+        """Say this worker is alive (its requests' holds are not the reaper's yet)."""
+        await self._call(lambda: self._r.hset(WORKERS, worker_id, now_ms()))
+
+    async def forget_worker(self, worker_id: str) -> None:
+        await self._call(lambda: self._r.hdel(WORKERS, worker_id))
+
+    async def dead_workers(self, timeout_ms: int, forget_after_ms: int) -> frozenset[str]:
+        """Workers whose last heartbeat is older than ``timeout_ms``; those older than
+        ``forget_after_ms`` (their holds are past any deadline) are forgotten. A worker that
+        never beat is not known, so not dead: its holds wait for their deadline."""
+        beats: dict[bytes, bytes] = await self._call(lambda: self._r.hgetall(WORKERS))
+        now = now_ms()
+        dead = {w.decode() for w, t in beats.items() if int(t) < now - timeout_ms}
+        gone = [w for w, t in beats.items() if int(t) < now - forget_after_ms]
+        if gone:
+            await self._call(lambda: self._r.hdel(WORKERS, *gone))
+        return frozenset(dead)
+
+    async def reap(self, *, limit: int = 500, dead: frozenset[str] = frozenset()) -> int:
+        """Charge the holds whose deadline passed, and those of ``dead`` workers (whose
+        requests will never settle). Returns how many.
 
         On a cluster, a tenant whose node does not answer is left for the next round, and so
         are the others on that node; the tenants on the healthy nodes are reaped meanwhile.
@@ -874,6 +903,12 @@ class Ledger:
                 members: list[bytes] = await self._call(
                     partial(self._r.zrangebyscore, holds, "-inf", now, start=0, num=limit)
                 )
+                if dead:
+                    held: list[bytes] = await self._call(
+                        partial(self._r.zrange, holds, 0, MAX_HOLDS_SCANNED - 1)
+                    )
+                    expired = set(members)
+                    members += [m for m in held if m not in expired and _worker_of(m) in dead]
                 for member in members:
                     key_id, _, request_id = member.decode().partition(":")
                     # What else the settlement must update: the record says.
@@ -913,6 +948,13 @@ class Ledger:
         except rexc.RedisClusterException:  # the slot map is being re-read
             node = None
         return f"slot:{self.store.keyslot(key)}" if node is None else str(node.name)
+
+
+def _worker_of(member: bytes) -> str | None:
+    """The worker a holds member's request ran on (``<key>:<worker>-<random>``), if it says."""
+    request_id = member.partition(b":")[2]
+    worker, dash, _ = request_id.partition(b"-")
+    return worker.decode() if dash else None
 
 
 def _unlimited(value: int | bytes) -> int | None:

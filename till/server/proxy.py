@@ -138,8 +138,12 @@ class Proxy:
         providers: dict[str, Provider],
         formats: Sequence[Format],
         pricer: Pricer,
+        *,
+        worker_id: str = "",
     ) -> None:
         self.settings = settings
+        # Request ids start with it ("<worker>-<random>"): the reaper knows whose hold it is.
+        self._id_prefix = f"{worker_id}-" if worker_id else ""
         self.gate = Gate(keyring, settings.trusted_proxies)
         self._ledger = ledger
         self._http = http
@@ -234,7 +238,12 @@ class Proxy:
         if key.claims.allowed_models:
             raw = check_model(key.claims.allowed_models, route, method, raw, info)
         ex = Exchange(
-            key.claims, provider, route, info, os.urandom(12).hex(), month_of(time.time())
+            key.claims,
+            provider,
+            route,
+            info,
+            self._id_prefix + os.urandom(8).hex(),
+            month_of(time.time()),
         )
         idempotency_key = headers.get(b"idempotency-key")
         if idempotency_key is not None:

@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A hold not settled by then (worker died) is charged by the reaper, which looks this often.
     hold_seconds: int = 3600
     reap_interval: float = 10.0
+    # A worker that has not beaten for this long is dead: its requests' holds are charged (and
+    # their concurrency slots freed) then, not at their deadline. It beats six times as often.
+    worker_timeout: float = 30.0
     # A key's `rpm` counts the requests of a sliding window this long: a minute, except in tests
     # that must not wait one (rpm is then requests per window).
     rate_window_seconds: int = 60
@@ -101,6 +104,7 @@ _ENV: dict[str, tuple[str, type]] = {
     "TILL_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", float),
     "TILL_HOLD_SECONDS": ("hold_seconds", int),
     "TILL_REAP_INTERVAL": ("reap_interval", float),
+    "TILL_WORKER_TIMEOUT": ("worker_timeout", float),
     "TILL_RATE_WINDOW_SECONDS": ("rate_window_seconds", int),
     "TILL_IDEMPOTENCY_SECONDS": ("idempotency_seconds", int),
     "TILL_DEFAULT_MAX_OUTPUT_TOKENS": ("default_max_output_tokens", int),
@@ -159,6 +163,8 @@ def validate(s: Settings) -> None:
         raise SettingsError("TILL_HOLD_SECONDS must be at least 1")
     if s.reap_interval <= 0:
         raise SettingsError("TILL_REAP_INTERVAL must be positive")
+    if s.worker_timeout < 1:
+        raise SettingsError("TILL_WORKER_TIMEOUT must be at least 1 second")
     if not 1 <= s.rate_window_seconds <= 86400:
         raise SettingsError("TILL_RATE_WINDOW_SECONDS must be between 1 and 86400")
     if s.server not in SERVERS:
