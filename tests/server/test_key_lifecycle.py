@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -19,8 +20,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Mock, Till, create_key, fire_chats, get_key
+from tests.conftest import UPSTREAM_KEY, Mock, Till, create_key, fire_chats, get_key, own_till
 from tests.server.test_key_limits import MESSAGES, claude, error_of, oa
+from till import LimitError, TillClient
 
 
 @pytest.fixture(scope="module")
@@ -618,3 +620,22 @@ def test_a_bad_idempotency_key_is_refused_before_anything_is_spent(
     )
     assert (resp.status_code, resp.json()["error"]["code"]) == (400, "invalid_header")
     assert get_key(admin, key["id"])["usedActivations"] == 0
+
+
+def test_expired_keys_give_their_place_in_the_plan_back(mock_upstream: Mock, log_dir: Path) -> None:
+    with own_till("plan-room", mock_upstream.url, None, log_dir, TILL_REAP_INTERVAL="0.2") as till:
+        admin_key = till.new_tenant("small", plan="free")
+        with TillClient(admin_key=admin_key, base_url=till.url, max_retries=0) as client:
+            plan = client.account().tenant.max_keys  # type: ignore[union-attr]
+            short = [
+                client.create_key("openai", UPSTREAM_KEY, 1, ttl_seconds=1) for _ in range(plan)
+            ]
+            with pytest.raises(LimitError):
+                client.create_key("openai", UPSTREAM_KEY, 1)
+            deadline = time.monotonic() + 10
+            while client.account().keys_used and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert client.account().keys_used == 0
+            assert {client.get_key(k.id).status for k in short} == {"expired"}
+            client.create_key("openai", UPSTREAM_KEY, 1)
+            assert client.account().keys_used == 1

@@ -9,6 +9,7 @@ and the refusal checks are test_ledger's.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -254,3 +255,28 @@ async def test_a_dead_workers_holds_are_charged_at_once_and_free_their_slots(
     await store.hset(WORKERS, dead, now_ms() - 2 * 86_400_000)
     assert dead in await ledger.dead_workers(30_000, 86_400_000)
     assert await store.hget(WORKERS, dead) is None
+
+
+async def test_an_expired_key_gives_its_place_in_the_plan_back_once(ledger: Ledger) -> None:
+    tenant = await new_tenant(ledger)
+    now = int(time.time())
+    ids = {}
+    for name, expires in (("past", now - 5), ("revoked", now - 5), ("future", now + 3600)):
+        ids[name] = new_key_id()
+        await ledger.create_key(
+            tenant_id=tenant, key_id=ids[name], provider="openai", max_activations=1,
+            max_tokens=None, max_microcents=None, metadata={}, ip_whitelist=[],
+            expires_at=expires,
+        )  # fmt: skip
+    await ledger.revoke_key(tenant, ids["revoked"])
+    assert (await ledger.tenant(tenant)).live_keys == 2  # type: ignore[union-attr]
+    assert await ledger.expire_keys(tenant) == 1
+    assert (await ledger.tenant(tenant)).live_keys == 1  # type: ignore[union-attr]
+    # Once: a second sweep, or revoking the expired key later, gives nothing back again.
+    assert await ledger.expire_keys(tenant) == 0
+    assert await ledger.revoke_key(tenant, ids["past"]) is not None
+    assert (await ledger.tenant(tenant)).live_keys == 1  # type: ignore[union-attr]
+    # The reaper sweeps as it goes; the key that has not expired keeps its place.
+    await ledger.reap()
+    assert (await ledger.tenant(tenant)).live_keys == 1  # type: ignore[union-attr]
+    assert (await key_of(ledger, tenant, ids["future"])).status == "active"

@@ -351,6 +351,7 @@ class Ledger:
         self._create_key = _Script(store, _script("create_key"), lane)
         self._revoke_key = _Script(store, _script("revoke_key"), lane)
         self._update_key = _Script(store, _script("update_key"), lane)
+        self._expire_keys = _Script(store, _script("expire_keys"), lane)
         self._cancel = _Script(store, _CANCEL, lane)
         self._repairs: set[asyncio.Task[None]] = set()
         self._repair_gate = asyncio.Semaphore(REPAIR_CONCURRENCY)
@@ -570,7 +571,12 @@ class Ledger:
                 fields += [name, value]
         if allowed_models:
             fields += ["models", _encode(list(allowed_models))]
-        keys = [tkey(tenant_id, "tenant"), tkey(tenant_id, f"k:{key_id}"), tkey(tenant_id, "keys")]
+        keys = [
+            tkey(tenant_id, "tenant"),
+            tkey(tenant_id, f"k:{key_id}"),
+            tkey(tenant_id, "keys"),
+            tkey(tenant_id, "exp"),
+        ]
         if ancestors:
             fields += ["anc", " ".join(ancestors)]
             keys += [tkey(tenant_id, f"k:{ancestors[0]}"), tkey(tenant_id, f"kids:{ancestors[0]}")]
@@ -662,6 +668,19 @@ class Ledger:
             return rows
 
         return [_key_record(raw) if raw else None for raw in await self._call(fetch)]
+
+    async def expire_keys(self, tenant_id: str, *, limit: int = 500) -> int:
+        """Give the plan places of the tenant's keys past their expiry back. Returns how many."""
+        now = int(time.time())
+        exp = tkey(tenant_id, "exp")
+        due: list[bytes] = await self._call(
+            partial(self._r.zrangebyscore, exp, "-inf", now, start=0, num=limit)
+        )
+        if not due:
+            return 0
+        ids = [d.decode() for d in due]
+        keys = [tkey(tenant_id, "tenant"), exp, *(tkey(tenant_id, f"k:{i}") for i in ids)]
+        return int(await self._call(lambda: self._expire_keys(keys=keys, args=[now, *ids])))
 
     async def key_count(self, tenant_id: str) -> int:
         return int(await self._call(lambda: self._r.zcard(tkey(tenant_id, "keys"))))
@@ -933,6 +952,7 @@ class Ledger:
                         await self._call(partial(self._r.zrem, holds, member))
                     else:
                         reaped += 1
+                await self.expire_keys(tenant_id)
             except StoreUnavailable:
                 if node is None:
                     raise  # one server: nothing else would answer either

@@ -3,8 +3,10 @@
 -- KEYS[1] tenant hash     {t:<tenant>}:tenant
 -- KEYS[2] key hash        {t:<tenant>}:k:<key_id>
 -- KEYS[3] keys zset       {t:<tenant>}:keys   (member key id, score creation ms)
--- KEYS[4] the parent's hash  {t:<tenant>}:k:<parent_id>   (a child key only)
--- KEYS[5] the parent's children zset  {t:<tenant>}:kids:<parent_id>   (a child key only)
+-- KEYS[4] expiring keys zset  {t:<tenant>}:exp   (member key id, score expiry s; the reaper
+--         frees an expired key's place in the plan)
+-- KEYS[5] the parent's hash  {t:<tenant>}:k:<parent_id>   (a child key only)
+-- KEYS[6] the parent's children zset  {t:<tenant>}:kids:<parent_id>   (a child key only)
 -- ARGV[1] key id
 -- ARGV[2] creation time, ms since the epoch
 -- ARGV[3..] field, value pairs of the key hash
@@ -14,6 +16,9 @@
 --
 -- Returns {"ok", live_keys} or {"refused", code, limit, used, field}.
 
+if #KEYS ~= 4 and #KEYS ~= 6 then
+  return redis.error_reply('ERR till create_key: wrong number of keys')
+end
 local t = redis.call('HMGET', KEYS[1], 'status', 'max_keys', 'live_keys')
 if not t[1] then
   return {'refused', 'unauthorized', 0, 0, ''}
@@ -36,10 +41,14 @@ if created == nil or created ~= created then
   return redis.error_reply('ERR till create_key: ARGV[2] is not a number')
 end
 
-if #KEYS == 5 then
-  local want = {}
-  for i = 3, #ARGV, 2 do want[ARGV[i]] = tonumber(ARGV[i + 1]) end
-  local p = redis.call('HMGET', KEYS[4], 'status', 'expires', 'max_act', 'used_act', 'max_tok',
+local want = {}
+for i = 3, #ARGV, 2 do want[ARGV[i]] = ARGV[i + 1] end
+local expires = tonumber(want['expires'])
+if want['expires'] and (expires == nil or expires ~= math.floor(expires)) then
+  return redis.error_reply('ERR till create_key: expires is not an integer')
+end
+if #KEYS == 6 then
+  local p = redis.call('HMGET', KEYS[5], 'status', 'expires', 'max_act', 'used_act', 'max_tok',
     'used_tok', 'held_tok', 'max_mc', 'used_mc', 'held_mc')
   if not p[1] or p[1] == 'revoked' then
     return {'refused', 'key_revoked', 0, 0, ''}
@@ -53,12 +62,14 @@ if #KEYS == 5 then
     max_mc = p[8] and (tonumber(p[8]) - (tonumber(p[9]) or 0) - (tonumber(p[10]) or 0)),
   }
   for _, field in ipairs({'max_act', 'max_tok', 'max_mc'}) do
-    if want[field] and left[field] and want[field] > left[field] then
-      return {'refused', 'parent_limit_exceeded', want[field], math.max(0, left[field]), field}
+    local asked = tonumber(want[field])
+    if asked and left[field] and asked > left[field] then
+      return {'refused', 'parent_limit_exceeded', asked, math.max(0, left[field]), field}
     end
   end
-  redis.call('ZADD', KEYS[5], created, ARGV[1])
+  redis.call('ZADD', KEYS[6], created, ARGV[1])
 end
 redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+if expires then redis.call('ZADD', KEYS[4], expires, ARGV[1]) end
 redis.call('ZADD', KEYS[3], created, ARGV[1])
 return {'ok', redis.call('HINCRBY', KEYS[1], 'live_keys', 1)}

@@ -15,5 +15,8 @@ if status == 'revoked' then
   return 0
 end
 redis.call('HSET', KEYS[2], 'status', 'revoked', 'revoked_at', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'live_keys', -1)
+-- An expired key gave its place in the plan back already (expire_keys.lua).
+if redis.call('HGET', KEYS[2], 'freed') ~= '1' then
+  redis.call('HINCRBY', KEYS[1], 'live_keys', -1)
+end
 return 1
