@@ -290,6 +290,11 @@ def test_key_client_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
     assert TOKEN not in repr(mine) and "api.till.ac" in repr(mine)
     assert mine._build_request(mine._info()).headers["authorization"] == f"Bearer {TOKEN}"
     mine.close()
+    # The provider SDKs' base URL works as well: one TILL_URL for both.
+    monkeypatch.setenv("TILL_URL", "http://till.test:8787/v1/")
+    with KeyClient() as mine:
+        url = mine._build_request(mine._info()).url
+        assert str(url) == "http://till.test:8787/v1/till/key"
     # The admin client still asks for its own key by its own name.
     monkeypatch.delenv("TILL_ADMIN_KEY")
     with pytest.raises(TillError) as admin:

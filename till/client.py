@@ -242,6 +242,9 @@ class _BaseClient:
                 "environment variable.",
             )
         url = (base_url or os.environ.get("TILL_URL") or DEFAULT_BASE_URL).strip().rstrip("/")
+        # The provider SDKs' base URL (Till's root and /v1) is taken for Till's root: one
+        # TILL_URL serves both. No admin or holder path of Till starts with /v1/v1.
+        url = url.removesuffix("/v1")
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL:
@@ -703,7 +706,8 @@ class AsyncTillClient(_AsyncIO, _AdminCalls):
 class KeyClient(_SyncIO, _KeyCalls):
     """What the holder of a scoped key can do with the key alone: read its own view, revoke
     it, make child keys within its limits. ``scoped_key`` defaults to ``TILL_SCOPED_KEY``,
-    ``base_url`` to ``TILL_URL`` and then https://api.till.ac (Till's root, not ``/v1``).
+    ``base_url`` to ``TILL_URL`` and then https://api.till.ac (Till's root; the ``/v1`` the
+    provider SDKs are given is dropped).
     """
 
     def __init__(
