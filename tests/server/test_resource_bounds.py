@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from tests.conftest import (
@@ -321,6 +322,14 @@ def test_a_client_that_stops_reading_loses_its_stream_and_is_charged(
         # The stall takes a moment to build (megabytes of buffers fill), then the write
         # timeout runs (about 2 s here in all).
         assert closed_after < BOUND + 2 * SLACK
+        if bounded.env["TILL_SERVER"] == "uvicorn":
+            # Nor does the connection stay, its buffered bytes unsent, while the client holds
+            # its end: the kernel drops it (TCP_USER_TIMEOUT, serve.py).
+            port = sock.getsockname()[1]
+            deadline = time.monotonic() + BOUND + 2 * SLACK
+            while client_connected(bounded, port) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not client_connected(bounded, port), "the server still holds the connection"
     # No usage arrived: the key is charged its hold, the upper bound, as for any cut stream.
     after = get_key(admin, key["id"])
     deadline = time.monotonic() + 5
@@ -331,6 +340,12 @@ def test_a_client_that_stops_reading_loses_its_stream_and_is_charged(
     assert int(after["usedTokens"]) >= output
     assert after["usedActivations"] == 1
     assert "client stopped reading" in bounded.log.read_text()
+
+
+def client_connected(till: Till, port: int) -> bool:
+    """Whether the server process holds a TCP connection to the client's ``port``."""
+    conns = psutil.Process(till.proc.pid).net_connections(kind="tcp")
+    return any(c.raddr and c.raddr.port == port for c in conns)
 
 
 def test_streams_over_the_cap_get_503_before_reserving(

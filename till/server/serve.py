@@ -12,14 +12,16 @@ hypercorn stays available for HTTP/2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import socket
 from typing import Final
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from till.server.settings import Settings
+from till.server.settings import Settings, from_env
 
 APP: Final = "till.server.asgi:app"
 # Request line and headers together; past this, 431 and the connection is closed. Provider SDKs
@@ -115,12 +117,30 @@ class GuardedHttpTools(HttpToolsProtocol):
     """uvicorn's httptools protocol, with a deadline and a size bound on each request's
     headers. uvicorn's own keep-alive timer stops at a connection's first byte."""
 
+    # TCP_USER_TIMEOUT, ms (0: not set): read once per process from TILL_WRITE_TIMEOUT.
+    _user_timeout_ms: int | None = None
+
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._drop_stalled_readers(transport)
         self._header_bytes = 0
         self._in_headers = True
         self._deadline: asyncio.TimerHandle | None = None
         self._arm()
+
+    @classmethod
+    def _drop_stalled_readers(cls, transport: asyncio.Transport) -> None:
+        """Have the kernel drop the connection when what is sent to it stays unacknowledged
+        for TILL_WRITE_TIMEOUT (Linux; zero-window probes count). Till stops writing to a
+        client that stopped reading after that long, but the socket's own buffered bytes
+        would otherwise keep it open for as long as the client holds its end."""
+        if cls._user_timeout_ms is None:
+            option = getattr(socket, "TCP_USER_TIMEOUT", None)
+            cls._user_timeout_ms = int(from_env().write_timeout * 1000) if option else 0
+        sock = transport.get_extra_info("socket")
+        if cls._user_timeout_ms and sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, cls._user_timeout_ms)
 
     def _arm(self) -> None:
         self._disarm()
