@@ -462,6 +462,40 @@ def check_options(req: KeyOptions) -> None:
         raise AdminError("validation_error", "Give expires_at or ttl_seconds, not both.")
 
 
+async def mint(
+    ledger: Ledger, keyring: Keyring, claims: TokenClaims, req: KeyOptions, metadata: dict[str, Any]
+) -> tuple[KeyRecord, str]:
+    """Seal a new key's token and store the key: the one path for keys made by an admin and by
+    a holder (a child, ``claims.parents`` set). The stored copies of what the token seals come
+    from the claims. Refused (plan, parent's budget) goes up to the caller to word."""
+    try:
+        token = seal(keyring, claims)
+    except ValueError:
+        # A backstop: the bounds on each field keep every token within the limit.
+        raise AdminError(
+            "validation_error",
+            "The key would not fit in a token: use fewer ip_whitelist or allowed_models.",
+        ) from None
+    record = await ledger.create_key(
+        tenant_id=claims.tenant_id,
+        key_id=claims.key_id,
+        provider=claims.provider,
+        max_activations=req.max_activations,
+        max_tokens=req.max_tokens,
+        max_microcents=None
+        if req.max_spend_cents is None
+        else req.max_spend_cents * MICROCENTS_PER_CENT,
+        metadata=metadata,
+        ip_whitelist=claims.ip_whitelist,
+        expires_at=claims.expires_at,
+        allowed_models=claims.allowed_models,
+        rpm=req.rpm,
+        max_concurrent=req.max_concurrent,
+        ancestors=claims.parents,
+    )
+    return record, token
+
+
 def parse_update(body: bytes) -> UpdateKey:
     """Decode and validate an UpdateKey body; AdminError names the first bad field."""
     req = decode(body, UpdateKey)
@@ -644,30 +678,7 @@ class Admin:
             allowed_models=tuple(models),
         )
         try:
-            token = seal(self.keyring, claims)
-        except ValueError:
-            # A backstop: the bounds on each field keep every token within the limit.
-            raise AdminError(
-                "validation_error",
-                "The key would not fit in a token: use fewer ip_whitelist or allowed_models.",
-            ) from None
-        try:
-            record = await self._ledger().create_key(
-                tenant_id=tenant_id,
-                key_id=key_id,
-                provider=req.provider,
-                max_activations=req.max_activations,
-                max_tokens=req.max_tokens,
-                max_microcents=None
-                if req.max_spend_cents is None
-                else req.max_spend_cents * MICROCENTS_PER_CENT,
-                metadata=metadata,
-                ip_whitelist=ips,
-                expires_at=expires_at,
-                allowed_models=models,
-                rpm=req.rpm,
-                max_concurrent=req.max_concurrent,
-            )
+            record, token = await mint(self._ledger(), self.keyring, claims, req, metadata)
         except Refused as exc:
             if exc.code == "max_keys_reached":
                 raise AdminError(

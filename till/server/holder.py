@@ -35,6 +35,7 @@ from till.server.admin import (
     expiry,
     json_response,
     key_view,
+    mint,
     read_capped,
 )
 from till.server.allowlist import model_allowed
@@ -46,7 +47,7 @@ from till.server.ledger import (
     Refused,
     StoreUnavailable,
 )
-from till.tokens import TokenClaims, new_key_id, seal
+from till.tokens import TokenClaims, new_key_id
 
 # The wire's names for the key hash's limits, and their scale there.
 _LIMIT_NAMES: Final = {
@@ -167,30 +168,7 @@ class Holder:
             parents=ancestors,
         )
         try:
-            token = seal(self.gate.keyring, claims)
-        except ValueError:
-            raise AdminError(
-                "validation_error",
-                "The key would not fit in a token: use fewer ip_whitelist or allowed_models.",
-            ) from None
-        try:
-            record = await self._ledger().create_key(
-                tenant_id=parent.tenant_id,
-                key_id=key_id,
-                provider=parent.provider,
-                max_activations=req.max_activations,
-                max_tokens=req.max_tokens,
-                max_microcents=None
-                if req.max_spend_cents is None
-                else req.max_spend_cents * MICROCENTS_PER_CENT,
-                metadata=metadata,
-                ip_whitelist=networks,
-                expires_at=expires_at,
-                allowed_models=models,
-                rpm=req.rpm,
-                max_concurrent=req.max_concurrent,
-                ancestors=ancestors,
-            )
+            record, token = await mint(self._ledger(), self.gate.keyring, claims, req, metadata)
         except Refused as exc:
             raise _child_refusal(exc) from None
         # The minter set the child's metadata: it sees it whole.
